@@ -1,0 +1,3 @@
+from proxytap.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,195 @@
+"""The flow table: outer connections, the inner flows they carry, their counters.
+
+An *outer connection* is what the client opened to proxytap (client -> proxy).
+An *inner flow* is the decapsulated conversation the proxy relays for it
+(true client -> true destination): one per CONNECT or SOCKS tunnel, one per
+(client connection, upstream connection) pair for plain HTTP. Both have Zeek
+style uids so logs can link them.
+
+The relay updates the counters in place; objects use ``__slots__`` because
+one exists per live connection.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import secrets
+from collections.abc import Iterator
+
+Endpoint = tuple[str, int]
+
+UP = 1  # client -> server
+DOWN = 2  # server -> client
+
+
+class CloseReason(enum.Enum):
+    NORMAL = "normal"  # both sides closed
+    RESET = "reset"  # a side aborted
+    TIMEOUT = "timeout"  # idle timeout
+    ERROR = "error"  # proxy-side error (bad protocol, policy, shutdown)
+
+
+class State(enum.Enum):
+    CONNECTING = "connecting"
+    OPEN = "open"
+    HALF_CLOSED = "half-closed"
+    CLOSED = "closed"
+
+
+def new_uid(prefix: str) -> str:
+    return prefix + secrets.token_hex(8)
+
+
+def endpoint(sockaddr: tuple[object, ...]) -> Endpoint:
+    """Normalize a socket address (2- or 4-tuple) to (inet_ntop text, port).
+
+    IPv4-mapped IPv6 addresses (from a dual-stack listener) become IPv4.
+    """
+    host = str(sockaddr[0])
+    port = int(sockaddr[1])  # type: ignore[call-overload]
+    ip = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return (str(ip), port)
+
+
+class Connection:
+    """The outer connection: client -> proxy."""
+
+    __slots__ = ("client", "flows", "id", "listener", "local", "protocol", "start", "uid", "user")
+
+    def __init__(
+        self, id: int, client: Endpoint, local: Endpoint, listener: str, start: float
+    ) -> None:
+        self.id = id
+        self.uid = new_uid("C")
+        self.client = client
+        self.local = local
+        self.listener = listener
+        self.protocol = ""  # http-connect, http-forward, socks4, socks4a, socks5
+        self.start = start
+        self.user: str | None = None
+        self.flows = 0
+
+
+class Flow:
+    """One inner flow: true client -> true destination."""
+
+    __slots__ = (
+        "alpn",
+        "bytes_down",
+        "bytes_up",
+        "chunks_down",
+        "chunks_up",
+        "client",
+        "decrypted",
+        "end",
+        "hop",
+        "http_host",
+        "id",
+        "l4",
+        "l7",
+        "outer",
+        "reason",
+        "requested_host",
+        "requested_port",
+        "server",
+        "sni",
+        "start",
+        "state",
+        "tap",
+        "uid",
+    )
+
+    def __init__(
+        self,
+        id: int,
+        outer: Connection,
+        server: Endpoint,
+        requested_host: str,
+        requested_port: int,
+        start: float,
+        l4: str = "tcp",
+    ) -> None:
+        self.id = id
+        self.uid = new_uid("F")
+        self.outer = outer
+        self.client = outer.client
+        self.server = server  # the address actually connected to (peername)
+        self.requested_host = requested_host
+        self.requested_port = requested_port
+        self.start = start
+        self.end: float | None = None
+        self.l4 = l4
+        self.hop = 0
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.chunks_up = 0
+        self.chunks_down = 0
+        self.state = State.OPEN
+        self.reason: CloseReason | None = None
+        self.l7: str | None = None
+        self.sni: str | None = None
+        self.alpn: str | None = None
+        self.http_host: str | None = None
+        self.decrypted = False
+        self.tap: object | None = None  # per-flow state owned by the export hub
+
+    @property
+    def tunnel(self) -> str:
+        return self.outer.protocol
+
+    @property
+    def user(self) -> str | None:
+        return self.outer.user
+
+
+class FlowTable:
+    """Live connections and flows, by id; hands out ids."""
+
+    def __init__(self) -> None:
+        self._next_id = 1
+        self.connections: dict[int, Connection] = {}
+        self.flows: dict[int, Flow] = {}
+
+    def _id(self) -> int:
+        i = self._next_id
+        self._next_id += 1
+        return i
+
+    def open_connection(
+        self, client: Endpoint, local: Endpoint, listener: str, now: float
+    ) -> Connection:
+        conn = Connection(self._id(), client, local, listener, now)
+        self.connections[conn.id] = conn
+        return conn
+
+    def close_connection(self, conn: Connection) -> None:
+        self.connections.pop(conn.id, None)
+
+    def open_flow(
+        self,
+        outer: Connection,
+        server: Endpoint,
+        requested_host: str,
+        requested_port: int,
+        now: float,
+        l4: str = "tcp",
+    ) -> Flow:
+        flow = Flow(self._id(), outer, server, requested_host, requested_port, now, l4)
+        outer.flows += 1
+        self.flows[flow.id] = flow
+        return flow
+
+    def close_flow(self, flow: Flow, reason: CloseReason, now: float) -> None:
+        flow.state = State.CLOSED
+        flow.reason = reason
+        flow.end = now
+        self.flows.pop(flow.id, None)
+
+    def __iter__(self) -> Iterator[Flow]:
+        return iter(list(self.flows.values()))
+
+    def __len__(self) -> int:
+        return len(self.flows)
