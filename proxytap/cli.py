@@ -1,0 +1,175 @@
+"""Command line: ``proxytap run | check-config | tap``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from proxytap import __version__
+from proxytap.config import Config, ListenerConfig, load, parse_hostport
+from proxytap.errors import ConfigError
+
+DESCRIPTION = """\
+proxytap: an explicit forwarding proxy (HTTP CONNECT, plain HTTP, SOCKS4/4a/5)
+that mirrors every decapsulated inner flow, keyed by the true client and the
+true destination, to SF-TAP analyzers.
+"""
+
+EPILOG = """\
+examples:
+  proxytap run                                  HTTP on 127.0.0.1:8080, SOCKS on 127.0.0.1:1080
+  proxytap run --mixed 0.0.0.0:3128 --sftap-home /tmp/sf-tap
+  proxytap run --config /etc/proxytap/proxytap.toml
+  proxytap check-config deploy/proxytap.example.toml
+  proxytap tap /tmp/sf-tap/tcp/http --hexdump
+"""
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": record.created,
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _hostport(text: str) -> str:
+    try:
+        parse_hostport(text, "address")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(exc.problem) from None
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="proxytap",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"proxytap {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the proxy", description="Run the proxy.")
+    run.add_argument("--config", "-c", metavar="FILE", help="TOML config file")
+    for kind, what in (
+        ("http", "an HTTP proxy listener (CONNECT and plain HTTP)"),
+        ("socks", "a SOCKS4/4a/5 listener"),
+        ("mixed", "a listener speaking HTTP and SOCKS, picked by the first byte"),
+    ):
+        run.add_argument(
+            f"--{kind}",
+            metavar="HOST:PORT",
+            action="append",
+            type=_hostport,
+            default=[],
+            help=f"{what}; repeatable; any listener flag replaces the config's listeners",
+        )
+    run.add_argument("--sftap-home", metavar="DIR", help="serve SF-TAP flow sockets under DIR")
+    run.add_argument("--loopback7", metavar="PATH", help="feed a running abstractor's loopback7")
+    run.add_argument("--idle-timeout", type=float, metavar="SECONDS", help="relay idle timeout")
+    run.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="default: info"
+    )
+    run.add_argument("--log-format", choices=["text", "json"], help="default: text")
+
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file")
+
+    tap = sub.add_parser(
+        "tap", help="print the events of an SF-TAP flow socket", add_help=False
+    )
+    tap.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    cfg = load(args.config) if args.config else Config()
+    listeners = [
+        ListenerConfig(kind=kind, address=addr, name=f"{kind}{i if i else ''}")
+        for kind in ("http", "socks", "mixed")
+        for i, addr in enumerate(getattr(args, kind))
+    ]
+    if listeners:
+        cfg = dataclasses.replace(cfg, listeners=tuple(listeners))
+    export = cfg.export
+    if args.sftap_home:
+        export = dataclasses.replace(export, sftap_home=args.sftap_home)
+    if args.loopback7:
+        export = dataclasses.replace(export, loopback7=args.loopback7)
+    cfg = dataclasses.replace(cfg, export=export)
+    if args.idle_timeout is not None:
+        cfg = dataclasses.replace(
+            cfg, timeouts=dataclasses.replace(cfg.timeouts, idle=args.idle_timeout)
+        )
+    log = cfg.log
+    if args.log_level:
+        log = dataclasses.replace(log, level=args.log_level)
+    if args.log_format:
+        log = dataclasses.replace(log, format=args.log_format)
+    return dataclasses.replace(cfg, log=log).validate()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from proxytap.app import serve
+
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as exc:
+        print(f"proxytap: config error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log.level, cfg.log.format)
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        runner = asyncio.run
+    try:
+        return int(runner(serve(cfg)))
+    except KeyboardInterrupt:  # pragma: no cover
+        return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv[:1] == ["tap"]:
+        from proxytap.export.tapcli import main as tap_main
+
+        return tap_main(argv[1:])
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return _run(args)
+    if args.command == "check-config":
+        try:
+            load(args.file)
+        except ConfigError as exc:
+            print(f"proxytap: config error: {exc}", file=sys.stderr)
+            return 2
+        print(f"{args.file}: ok")
+        return 0
+    parser.print_help()
+    return 2

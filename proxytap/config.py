@@ -1,0 +1,267 @@
+"""argv and TOML -> one frozen, validated ``Config``.
+
+Every section is a frozen dataclass; the loader checks each key against the
+dataclass field's type, so an unknown key or a wrong type stops start-up with
+one line naming the key (``ConfigError``). Defaults give a working proxy:
+HTTP on 127.0.0.1:8080 and SOCKS on 127.0.0.1:1080.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from proxytap.errors import ConfigError
+
+ListenerKind = Literal["http", "socks", "mixed"]
+LISTENER_KINDS = ("http", "socks", "mixed")
+
+
+def parse_hostport(text: str, key: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); host must be an IP literal or a name."""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ConfigError(key, f"expected [IPV6]:PORT, got {text!r}")
+        port_text = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(key, f"{host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host or ":" in host:
+            raise ConfigError(key, f"expected HOST:PORT or [IPV6]:PORT, got {text!r}")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(key, f"port must be 0..65535, got {port_text!r}")
+    return host, int(port_text)
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    kind: str
+    address: str
+    name: str = ""
+
+    @property
+    def host(self) -> str:
+        return parse_hostport(self.address, "listeners.address")[0]
+
+    @property
+    def port(self) -> int:
+        return parse_hostport(self.address, "listeners.address")[1]
+
+    def validate(self, key: str) -> None:
+        if self.kind not in LISTENER_KINDS:
+            raise ConfigError(f"{key}.kind", f"must be one of {', '.join(LISTENER_KINDS)}")
+        parse_hostport(self.address, f"{key}.address")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds."""
+
+    handshake: float = 10.0  # client must finish its SOCKS/CONNECT/request head within this
+    connect: float = 10.0  # resolve + connect upstream
+    idle: float = 300.0  # a relay with no bytes either way for this long is closed
+    shutdown_grace: float = 5.0  # on SIGTERM, open tunnels may drain this long
+    http_keepalive: float = 60.0  # idle plain-HTTP client connection between requests
+
+    def validate(self, key: str) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ConfigError(f"{key}.{f.name}", "must be > 0")
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    happy_eyeballs_delay: float = 0.25  # RFC 8305 connection attempt delay
+    prefer: str = "any"  # "any" (resolver order), "ipv4", "ipv6"
+
+    def validate(self, key: str) -> None:
+        if self.happy_eyeballs_delay < 0:
+            raise ConfigError(f"{key}.happy_eyeballs_delay", "must be >= 0")
+        if self.prefer not in ("any", "ipv4", "ipv6"):
+            raise ConfigError(f"{key}.prefer", "must be any, ipv4 or ipv6")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_head: int = 65536  # bytes of an HTTP request/response head
+    max_request_line: int = 8192
+    write_buffer_high: int = 1 << 20  # relay backpressure high-water mark per side
+
+    def validate(self, key: str) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ConfigError(f"{key}.{f.name}", "must be > 0")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    sftap_home: str | None = None  # serve SF-TAP flow sockets under this directory
+    sftap_mode: int = 0o660  # permission bits of the served sockets
+    format: str = "text"  # default format of served sockets: "text" or "binary"
+    formats: Mapping[str, str] = field(default_factory=dict)  # per interface, e.g. {"tcp/http" = "binary"}
+    reader_buffer: int = 4 << 20  # bytes buffered per connected reader before DATA is dropped
+    loopback7: str | None = None  # connect to a running abstractor's loopback7 socket
+    loopback7_buffer: int = 8 << 20
+    loopback7_vlan: bool = True  # add vlan=-1 after port2 (harmless, keeps VLAN builds happy)
+    rules: tuple[Mapping[str, Any], ...] = ()  # extra / overriding classification rules
+
+    def validate(self, key: str) -> None:
+        for name, fmt in (("format", self.format), *self.formats.items()):
+            if fmt not in ("text", "binary"):
+                raise ConfigError(f"{key}.{name}", "must be text or binary")
+        if not 0 <= self.sftap_mode <= 0o777:
+            raise ConfigError(f"{key}.sftap_mode", "must be permission bits 0..0o777")
+        for name in ("reader_buffer", "loopback7_buffer"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{key}.{name}", "must be > 0")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "text"
+
+    def validate(self, key: str) -> None:
+        if self.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError(f"{key}.level", "must be debug, info, warning, error or critical")
+        if self.format not in ("text", "json"):
+            raise ConfigError(f"{key}.format", "must be text or json")
+
+
+DEFAULT_LISTENERS = (
+    ListenerConfig(kind="http", address="127.0.0.1:8080", name="http"),
+    ListenerConfig(kind="socks", address="127.0.0.1:1080", name="socks"),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    listeners: tuple[ListenerConfig, ...] = DEFAULT_LISTENERS
+    timeouts: Timeouts = Timeouts()
+    upstream: UpstreamConfig = UpstreamConfig()
+    limits: LimitsConfig = LimitsConfig()
+    export: ExportConfig = ExportConfig()
+    log: LogConfig = LogConfig()
+    proxy_name: str = "proxytap"  # names proxytap in Proxy-Status and Via
+
+    def validate(self) -> Config:
+        if not self.listeners:
+            raise ConfigError("listeners", "at least one listener is needed")
+        names = set()
+        for i, lst in enumerate(self.listeners):
+            lst.validate(f"listeners[{i}]")
+            if lst.name in names:
+                raise ConfigError(f"listeners[{i}].name", f"duplicate listener name {lst.name!r}")
+            names.add(lst.name)
+        self.timeouts.validate("timeouts")
+        self.upstream.validate("upstream")
+        self.limits.validate("limits")
+        self.export.validate("export")
+        self.log.validate("log")
+        if not self.proxy_name or any(c in self.proxy_name for c in ' ,;="\r\n'):
+            raise ConfigError("proxy_name", "must be a non-empty token")
+        return self
+
+
+# -- loading -----------------------------------------------------------------------
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """Check (and lightly coerce) ``value`` against a dataclass field's type."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(key, f"wrong type {type(value).__name__}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(key, f"must be one of {typing.get_args(tp)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {type(value).__name__}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {type(value).__name__}")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise ConfigError(key, f"expected a {tp.__name__}, got {type(value).__name__}")
+        return value
+    if origin is tuple:
+        (inner, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(key, "expected a list")
+        return tuple(_check_type(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(key, "expected a table")
+        _kt, vt = typing.get_args(tp)
+        return {k: _check_type(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    raise ConfigError(key, f"unsupported type {tp!r}")  # pragma: no cover
+
+
+def _build(cls: Any, data: Any, key: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(key or "config", "expected a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in data.items():
+        sub = f"{key}.{name}" if key else name
+        if name not in known:
+            raise ConfigError(sub, "unknown key")
+        kwargs[name] = _check_type(value, hints[name], sub)
+    return cls(**kwargs)
+
+
+def from_dict(data: Mapping[str, Any]) -> Config:
+    data = dict(data)
+    listeners = data.pop("listeners", None)
+    cfg: Config = _build(Config, data, "")
+    if listeners is not None:
+        if not isinstance(listeners, list):
+            raise ConfigError("listeners", "expected an array of tables ([[listeners]])")
+        built = []
+        for i, item in enumerate(listeners):
+            lst = _build(ListenerConfig, item, f"listeners[{i}]")
+            if "kind" not in item or "address" not in item:
+                raise ConfigError(f"listeners[{i}]", "needs kind and address")
+            built.append(dataclasses.replace(lst, name=lst.name or f"{lst.kind}{i}"))
+        cfg = dataclasses.replace(cfg, listeners=tuple(built))
+    return cfg.validate()
+
+
+def load(path: str | Path) -> Config:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+    return from_dict(data)

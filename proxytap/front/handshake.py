@@ -1,0 +1,286 @@
+"""The client's connection from accept until its tunnel or forwarder takes over.
+
+The listener kind and the first byte pick the protocol: 0x04 / 0x05 SOCKS,
+anything else HTTP (``mixed``); ``socks`` and ``http`` listeners accept only
+their own. The pure parsers in ``proxytap.proto`` do the protocol; this shell
+moves bytes, enforces the handshake deadline, connects upstream and answers:
+a SOCKS reply code or an HTTP status with ``Proxy-Status`` for every failure,
+the success reply only once the upstream connection is up. Bytes the client
+sent after its request are handed to the relay, never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from proxytap.config import ListenerConfig
+from proxytap.errors import Failure, ProtocolError, UpstreamError, classify_os_error
+from proxytap.flows.table import CloseReason, Connection, endpoint
+from proxytap.front.relay import PendingUpstream, Relay
+from proxytap.front.services import Services
+from proxytap.proto import httpconnect
+from proxytap.proto.socks import NEED_DATA, NO_AUTH, AuthRequest, ConnectRequest, SocksServer
+
+log = logging.getLogger("proxytap.front")
+
+SOCKS_VERSIONS = (0x04, 0x05)
+
+
+class ClientConnection(asyncio.Protocol):
+    """Accepted client connection during its handshake."""
+
+    def __init__(self, services: Services, listener: ListenerConfig) -> None:
+        self.services = services
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.conn: Connection | None = None
+        self.buf = bytearray()
+        self.socks: SocksServer | None = None
+        self.http = False
+        self.http_version = "HTTP/1.1"
+        self.done = False  # handed over, or closed
+        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    # -- asyncio callbacks ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        services = self.services
+        now = time.time()
+        try:
+            peer = endpoint(transport.get_extra_info("peername"))
+            local = endpoint(transport.get_extra_info("sockname"))
+        except (TypeError, ValueError, OSError):
+            transport.abort()
+            self.done = True
+            return
+        self.conn = services.table.open_connection(peer, local, self.listener.name, now)
+        services.live.add(self)
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_later(services.config.timeouts.handshake, self._handshake_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.done:
+            return
+        if self.socks is None and not self.http:
+            kind = self.listener.kind
+            is_socks = data[0] in SOCKS_VERSIONS
+            if kind == "socks" or (kind == "mixed" and is_socks):
+                self.socks = SocksServer(methods=(NO_AUTH,))
+            else:
+                self.http = True
+        try:
+            if self.socks is not None:
+                self.socks.receive_data(data)
+                self._socks_step()
+            else:
+                self.buf += data
+                self._http_step()
+        except ProtocolError as exc:
+            self._refuse(exc)
+
+    def eof_received(self) -> bool:
+        if self.done:
+            return False
+        if self.socks is not None:
+            try:
+                self.socks.receive_data(b"")
+                self._socks_step()
+            except ProtocolError as exc:
+                self._refuse(exc)
+        else:
+            self._close("client closed during handshake")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done:
+            self._close("client went away during handshake")
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    # -- protocols ------------------------------------------------------------------
+
+    def _socks_step(self) -> None:
+        socks = self.socks
+        assert socks is not None and self.transport is not None
+        while not self.done:
+            event = socks.next_event()
+            out = socks.data_to_send()
+            if out:
+                self.transport.write(out)
+            if event is NEED_DATA:
+                return
+            if isinstance(event, AuthRequest):
+                socks.auth_result(False)  # no user database configured: never offered
+                continue
+            if isinstance(event, ConnectRequest):
+                self._begin(event.host, event.port, event.protocol, socks.trailing_data())
+                return
+
+    def _http_step(self) -> None:
+        limits = self.services.config.limits
+        end = httpconnect.head_end(self.buf, limits.max_head, limits.max_request_line)
+        if end is None:
+            return
+        head = httpconnect.parse_head(bytes(self.buf[:end]))
+        self.http_version = head.version
+        if head.method != "CONNECT":
+            self._forward()
+            return
+        host, port = httpconnect.parse_authority(head.target)
+        self._begin(host, port, "http-connect", bytes(self.buf[end:]))
+
+    def _forward(self) -> None:
+        from proxytap.front.http_forward import HttpForwarder
+
+        assert self.transport is not None and self.conn is not None
+        self._handed_over()
+        self.conn.protocol = "http-forward"
+        forwarder = HttpForwarder(self.services, self.conn, self.transport)
+        self.transport.set_protocol(forwarder)
+        forwarder.start(bytes(self.buf))
+
+    # -- connecting -----------------------------------------------------------------
+
+    def _begin(self, host: str, port: int, protocol: str, early: bytes) -> None:
+        assert self.transport is not None and self.conn is not None
+        self.transport.pause_reading()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.conn.protocol = protocol
+        self.task = self.services.tasks.spawn(self._open_tunnel(host, port, early))
+
+    async def _open_tunnel(self, host: str, port: int, early: bytes) -> None:
+        services = self.services
+        client = self.transport
+        conn = self.conn
+        assert client is not None and conn is not None
+        try:
+            sock = await services.connect(host, port)
+        except UpstreamError as exc:
+            self._connect_failed(host, port, exc.failure, exc.detail)
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            server, pending = await loop.create_connection(PendingUpstream, sock=sock)
+            peer = endpoint(server.get_extra_info("peername"))
+            local = endpoint(server.get_extra_info("sockname"))
+        except (OSError, TypeError, ValueError) as exc:
+            sock.close()
+            self._connect_failed(host, port, classify_os_error(exc), repr(exc))
+            return
+        if self.done or client.is_closing():
+            server.close()
+            self._close("client went away while connecting")
+            return
+        now = time.time()
+        flow = services.table.open_flow(conn, peer, host, port, now)
+        hub = services.hub
+        if hub is not None:
+            hub.opened(flow)
+        if self.socks is not None:
+            client.write(self.socks.reply(0x00, local))
+        else:
+            client.write(httpconnect.connect_established(self.http_version))
+        self._handed_over()
+        relay = Relay(flow, hub, services.config.timeouts.idle, self._relay_done)
+        services.live.add(relay)
+        log.debug(
+            "tunnel %s %s:%d -> %s:%d (%s:%d) open",
+            conn.protocol, *conn.client, host, port, *peer,
+        )
+        relay.start(client, server, pending, early, services.config.limits.write_buffer_high)
+
+    def _relay_done(self, relay: Relay, reason: CloseReason) -> None:
+        services = self.services
+        flow = relay.flow
+        now = time.time()
+        if services.hub is not None:
+            services.hub.closed(flow, reason, now)
+        services.table.close_flow(flow, reason, now)
+        services.table.close_connection(flow.outer)
+        services.live.discard(relay)
+        log.info(
+            "tunnel %s %s:%d -> %s:%d (%s:%d) %s up=%d down=%d %.3fs",
+            flow.tunnel, *flow.client, flow.requested_host, flow.requested_port, *flow.server,
+            reason.value, flow.bytes_up, flow.bytes_down, now - flow.start,
+        )
+
+    # -- endings --------------------------------------------------------------------
+
+    def _connect_failed(self, host: str, port: int, failure: Failure, detail: str) -> None:
+        assert self.transport is not None and self.conn is not None
+        log.info(
+            "connect %s %s:%d -> %s:%d failed: %s (%s)",
+            self.conn.protocol, *self.conn.client, host, port, failure.value, detail,
+        )
+        if self.socks is not None:
+            self.transport.write(self.socks.reply(failure.socks5))
+        else:
+            self.transport.write(
+                httpconnect.error_response(
+                    failure.http_status,
+                    failure.description,
+                    failure.value,
+                    version=self.http_version,
+                    proxy_name=self.services.config.proxy_name,
+                )
+            )
+        self._close(f"connect failed: {failure.value}")
+
+    def _refuse(self, exc: ProtocolError) -> None:
+        assert self.transport is not None
+        if self.socks is not None:
+            out = self.socks.data_to_send() + exc.reply
+            if out:
+                self.transport.write(out)
+        else:
+            self.transport.write(
+                httpconnect.error_response(
+                    exc.status,
+                    exc.reason,
+                    exc.proxy_status,
+                    proxy_name=self.services.config.proxy_name,
+                )
+            )
+        self._close(f"protocol error: {exc.reason}")
+
+    def _handshake_timeout(self) -> None:
+        self.timer = None
+        if self.done or self.transport is None:
+            return
+        if self.http:
+            self.transport.write(
+                httpconnect.error_response(
+                    408,
+                    "the request head did not arrive in time",
+                    "http_request_error",
+                    proxy_name=self.services.config.proxy_name,
+                )
+            )
+        self._close("handshake timeout")
+
+    def _handed_over(self) -> None:
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.services.live.discard(self)
+
+    def _close(self, why: str) -> None:
+        if self.conn is not None and self.done is False:
+            log.info("client %s:%d closed: %s", *self.conn.client, why)
+        self._handed_over()
+        if self.conn is not None:
+            self.services.table.close_connection(self.conn)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def shutdown(self, force: bool) -> None:
+        """A connection still in its handshake is closed at once on shutdown."""
+        self._close("proxy shutting down")

@@ -1,0 +1,36 @@
+"""Listening sockets: one asyncio server per configured listener."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from proxytap.config import ListenerConfig
+from proxytap.front.handshake import ClientConnection
+from proxytap.front.services import Services
+
+
+async def start_listener(services: Services, listener: ListenerConfig) -> asyncio.Server:
+    """Bind and start accepting; IPv6 listeners are IPv6-only (no mapped addresses)."""
+    loop = asyncio.get_running_loop()
+    host, port = listener.host, listener.port
+    family = socket.AF_INET6 if ":" in host else socket.AF_UNSPEC
+    server = await loop.create_server(
+        lambda: ClientConnection(services, listener),
+        host,
+        port,
+        family=family,
+        reuse_address=True,
+        backlog=4096,
+    )
+    for sock in server.sockets:
+        if sock.family == socket.AF_INET6:
+            try:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            except OSError:
+                pass
+    return server
+
+
+def bound_addresses(server: asyncio.Server) -> list[tuple[str, int]]:
+    return [(str(s.getsockname()[0]), int(s.getsockname()[1])) for s in server.sockets]
