@@ -5,7 +5,9 @@ SHELL := /bin/bash
 # mitmproxy 12 needs Python >= 3.12. The first interpreter that really runs and
 # is new enough wins (pyenv shims on PATH may exist and still fail).
 PY_CANDIDATES := python3.13 python3.12 $(sort $(wildcard $(HOME)/.pyenv/versions/3.1[2-9]*/bin/python3))
-PYTHON ?= $(firstword $(foreach c,$(PY_CANDIDATES),$(shell $(c) -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1 && echo $(c))))
+ifndef PYTHON
+PYTHON := $(firstword $(foreach c,$(PY_CANDIDATES),$(shell $(c) -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1 && echo $(c))))
+endif
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed

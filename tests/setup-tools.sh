@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs the real external tools the test suite drives (curl today; more as
+# issues add them). Debian packages only; a no-op when they are present.
+set -euo pipefail
+need=()
+command -v curl >/dev/null 2>&1 || need+=(curl)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "tests need: ${need[*]} (install them with apt-get, or run as root)" >&2
+    exit 1
+  fi
+  echo "installing test tools: ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi

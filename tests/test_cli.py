@@ -1,0 +1,111 @@
+"""The command line as a user runs it: a real process, real signals."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import sys
+from pathlib import Path
+
+from proxytap import __version__
+from tests.conftest import Origin, run
+
+ROOT = Path(__file__).resolve().parent.parent
+PROXYTAP = [sys.executable, "-m", "proxytap"]
+
+
+async def test_version() -> None:
+    rc, out, _ = await run(*PROXYTAP, "--version")
+    assert rc == 0
+    assert out.decode().strip() == f"proxytap {__version__}"
+
+
+async def test_help_lists_commands() -> None:
+    rc, out, _ = await run(*PROXYTAP, "run", "--help")
+    assert rc == 0
+    for flag in ("--config", "--http", "--socks", "--mixed", "--sftap-home", "--loopback7"):
+        assert flag in out.decode()
+
+
+async def test_example_config_is_valid() -> None:
+    rc, out, err = await run(*PROXYTAP, "check-config", str(ROOT / "deploy/proxytap.example.toml"))
+    assert rc == 0, err
+    assert out.decode().endswith(": ok\n")
+
+
+async def test_bad_config_is_one_clear_line(tmp_path: Path) -> None:
+    cases = {
+        "[timeouts]\nbogus = 1\n": "timeouts.bogus: unknown key",
+        "[timeouts]\nidle = -1\n": "timeouts.idle: must be > 0",
+        "[timeouts]\nidle = 'x'\n": "timeouts.idle: expected a number, got str",
+        "[[listeners]]\nkind = 'ftp'\naddress = '127.0.0.1:1'\n": "listeners[0].kind: must be one of",
+        "[[listeners]]\nkind = 'http'\naddress = 'nope'\n": "listeners[0].address: expected HOST:PORT",
+        "[export]\nformat = 'xml'\n": "export.format: must be text or binary",
+        "not toml [": "is not valid TOML",
+    }
+    for text, expected in cases.items():
+        cfg = tmp_path / "bad.toml"
+        cfg.write_text(text)
+        for command in ("check-config", "run --config"):
+            rc, out, err = await run(*PROXYTAP, *command.split(), str(cfg))
+            assert rc == 2, (text, err)
+            lines = err.decode().splitlines()
+            assert len(lines) == 1, lines
+            assert lines[0].startswith("proxytap: config error: ")
+            assert expected in lines[0], (expected, lines[0])
+
+
+async def _start(*args: str) -> tuple[asyncio.subprocess.Process, dict[str, int], list[str]]:
+    proc = await asyncio.create_subprocess_exec(
+        *PROXYTAP, "run", *args,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    ports: dict[str, int] = {}
+    lines: list[str] = []
+    while True:
+        line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
+        assert line, f"proxytap exited early: {lines}"
+        lines.append(line)
+        m = re.search(r"listening: (\S+) \S+ on 127\.0\.0\.1:(\d+)", line)
+        if m:
+            ports[m.group(1)] = int(m.group(2))
+        if "proxytap ready" in line:
+            return proc, ports, lines
+
+
+async def test_run_serves_and_sigterm_drains_then_exits_zero(origin: Origin) -> None:
+    proc, ports, _ = await _start(
+        "--http", "127.0.0.1:0", "--socks", "127.0.0.1:0", "--mixed", "127.0.0.1:0"
+    )
+    try:
+        assert set(ports) == {"http", "socks", "mixed"}
+        rc, body, err = await run(
+            "curl", "-sS", "--fail", "--socks5-hostname", f"127.0.0.1:{ports['socks']}",
+            f"http://localhost:{origin.port}/hello",
+        )
+        assert rc == 0, err
+        assert body == b"hello GET /hello"
+        # an open tunnel during shutdown: it may drain, then the process exits 0
+        reader, writer = await asyncio.open_connection("127.0.0.1", ports["http"])
+        writer.write(f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\n\r\n".encode())
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        proc.send_signal(signal.SIGTERM)
+        writer.write(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = await asyncio.wait_for(reader.readuntil(b"hello GET /hello"), 5)
+        assert response.startswith(b"HTTP/1.1 200")
+        rc = await asyncio.wait_for(proc.wait(), 15)
+        assert rc == 0
+        # no longer accepting
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", ports["socks"])
+            w.close()
+            raise AssertionError("listener still accepting after shutdown")
+        except OSError:
+            pass
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
