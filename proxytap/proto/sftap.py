@@ -287,6 +287,21 @@ def encode_destroyed(key: FlowKey, reason: str, t: float, *, vlan: int | None = 
     )
 
 
+def data_head(key: FlowKey, from_: int | None, match: str, *, vlan: int | None = None) -> bytes:
+    """The part of a DATA line that is fixed for one flow and direction, up to ``len=``.
+
+    Sinks compute it once per flow and direction and finish each line with
+    ``data_message``, so the hot path formats only the length and the time.
+    """
+    f = b"none" if from_ is None else b"%d" % from_
+    return key.head_for(vlan) + b",event=DATA,from=%s,match=%s,len=" % (f, match.encode("ascii"))
+
+
+def data_message(head: bytes, body: bytes | memoryview, t: float) -> bytes:
+    """A whole text DATA event, header line and body, as one buffer (one write)."""
+    return head + b"%d,time=%.17g\n" % (len(body), t) + body
+
+
 def encode_data(
     key: FlowKey,
     from_: int | None,
@@ -297,13 +312,7 @@ def encode_data(
     vlan: int | None = None,
 ) -> bytes:
     """``...,event=DATA,from=F,match=M,len=N,time=T\\n``; ``payload_len`` bytes follow."""
-    f = b"none" if from_ is None else b"%d" % from_
-    return key.head_for(vlan) + b",event=DATA,from=%s,match=%s,len=%d,time=%.17g\n" % (
-        f,
-        match.encode("ascii"),
-        payload_len,
-        t,
-    )
+    return data_head(key, from_, match, vlan=vlan) + b"%d,time=%.17g\n" % (payload_len, t)
 
 
 def encode_text(ev: Event) -> bytes:
@@ -522,6 +531,8 @@ __all__ = [
     "FlowKey",
     "decode_binary",
     "decode_text",
+    "data_head",
+    "data_message",
     "encode_binary",
     "encode_created",
     "encode_data",
