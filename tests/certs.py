@@ -15,7 +15,7 @@ from cryptography.x509.oid import NameOID
 
 
 @dataclass
-class TestPKI:
+class Pki:
     ca_pem: Path
     cert_pem: Path
     key_pem: Path
@@ -30,7 +30,7 @@ class TestPKI:
         return ctx
 
 
-def make_pki(directory: Path, names: tuple[str, ...] = ("localhost", "origin.test")) -> TestPKI:
+def make_pki(directory: Path, names: tuple[str, ...] = ("localhost", "origin.test")) -> Pki:
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "proxytap test CA")])
@@ -78,7 +78,7 @@ def make_pki(directory: Path, names: tuple[str, ...] = ("localhost", "origin.tes
         )
         .sign(ca_key, hashes.SHA256())
     )
-    pki = TestPKI(directory / "ca.pem", directory / "server.pem", directory / "server-key.pem")
+    pki = Pki(directory / "ca.pem", directory / "server.pem", directory / "server-key.pem")
     pki.ca_pem.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     pki.cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     pki.key_pem.write_bytes(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import os
+import random
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -19,9 +19,9 @@ from aiohttp import web
 from proxytap.app import App
 from proxytap.config import Config, ListenerConfig, Timeouts
 from proxytap.flows.table import CloseReason, Flow
-from tests.certs import TestPKI, make_pki
+from tests.certs import Pki, make_pki
 
-BLOCK = os.urandom(1 << 20)
+BLOCK = random.Random(20261122).randbytes(1 << 20)  # same bytes in every importer
 
 
 def pattern(n: int) -> bytes:
@@ -48,13 +48,13 @@ def has_ipv6() -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def event_loop_policy() -> uvloop.EventLoopPolicy:
-    return uvloop.EventLoopPolicy()
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """Every async test runs on uvloop, the loop proxytap runs on."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture(scope="session")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
@@ -243,7 +243,7 @@ async def origin() -> AsyncIterator[Origin]:
 
 
 @pytest.fixture
-async def tls_origin(pki: TestPKI) -> AsyncIterator[Origin]:
+async def tls_origin(pki: Pki) -> AsyncIterator[Origin]:
     o = await start_origin(ssl_ctx=pki.server_context())
     yield o
     await o.runner.cleanup()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import cast
 
 from proxytap.config import ListenerConfig
 from proxytap.errors import Failure, ProtocolError, UpstreamError, classify_os_error
@@ -47,8 +48,7 @@ class ClientConnection(asyncio.Protocol):
     # -- asyncio callbacks ----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport = cast(asyncio.Transport, transport)
         services = self.services
         now = time.time()
         try:

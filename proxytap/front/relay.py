@@ -20,7 +20,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from proxytap.flows.table import DOWN, UP, CloseReason, Flow, State
 
@@ -54,8 +54,7 @@ class PendingUpstream(asyncio.Protocol):
         self.exc: Exception | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport = cast(asyncio.Transport, transport)
         transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:  # only if pausing came late

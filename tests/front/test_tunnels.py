@@ -12,7 +12,7 @@ from python_socks import ProxyError, ProxyType
 from python_socks.async_.asyncio import Proxy
 
 from proxytap.flows.table import DOWN, UP, CloseReason
-from tests.certs import TestPKI
+from tests.certs import Pki
 from tests.conftest import (
     Origin,
     ProxyFactory,
@@ -32,7 +32,7 @@ async def curl(*args: str) -> tuple[int, bytes, bytes]:
 
 @pytest.mark.parametrize("size", SIZES)
 async def test_connect_https_download_and_upload(
-    proxy: RunningProxy, tls_origin: Origin, pki: TestPKI, tmp_path: Path, size: int
+    proxy: RunningProxy, tls_origin: Origin, pki: Pki, tmp_path: Path, size: int
 ) -> None:
     out = tmp_path / "down"
     rc, _, err = await curl(
@@ -59,7 +59,9 @@ async def test_connect_https_download_and_upload(
         assert flow.server == ("127.0.0.1", tls_origin.port)
         assert flow.requested_host == "127.0.0.1"
         assert flow.l7 == "ssl"
-        assert proxy.recorder.reason(flow) is CloseReason.NORMAL
+        # curl may close while the origin's TLS close_notify is still unread, and
+        # the kernel then sends an RST: both endings are the client's real ones.
+        assert proxy.recorder.reason(flow) in (CloseReason.NORMAL, CloseReason.RESET)
     # the exported bytes are exactly the tunnel's bytes: the TLS records, not the CONNECT
     first_up = proxy.recorder.data(flows[0], UP)
     assert first_up[:1] == b"\x16" and b"CONNECT" not in first_up[:64]
@@ -131,6 +133,7 @@ async def test_python_socks(
     ptype = {"socks4": ProxyType.SOCKS4, "socks5": ProxyType.SOCKS5, "http": ProxyType.HTTP}
     client = Proxy(ptype[scheme], *listener, rdns=host == "localhost")
     sock = await client.connect(host, server.port, timeout=5)
+    client_addr = tuple(sock.getsockname()[:2])
     reader, writer = await asyncio.open_connection(sock=sock)
     payload = pattern(300_000)
     writer.write(payload)
@@ -142,7 +145,7 @@ async def test_python_socks(
     (flow,) = proxy.recorder.flows()
     assert flow.tunnel == tunnel
     assert flow.server == (bind, server.port)
-    assert flow.client == tuple(sock.getsockname()[:2])
+    assert flow.client == client_addr
     assert proxy.recorder.data(flow, UP) == payload
     assert proxy.recorder.data(flow, DOWN) == payload
 
