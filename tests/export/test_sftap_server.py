@@ -494,3 +494,42 @@ async def test_stats(served: tuple[Hub, SftapServer]) -> None:
     reader.close()
     await wait_for(lambda: not server.readers)
     assert server.events_sent == 4  # kept after the reader left
+
+
+# -- end to end: the proxy's composition root, a real CONNECT tunnel ----------------------
+
+
+async def test_connect_tunnel_end_to_end(home: Path, start_proxy: Any) -> None:
+    from proxytap.config import Config, ExportConfig, ListenerConfig
+
+    async def origin(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(RESP)
+        await w.drain()
+        w.close()
+
+    origin_server = await asyncio.start_server(origin, "127.0.0.1", 0)
+    oport = origin_server.sockets[0].getsockname()[1]
+    cfg = Config(
+        listeners=(ListenerConfig(kind="http", address="127.0.0.1:0", name="http"),),
+        export=ExportConfig(sftap_home=str(home)),
+    )
+    proxy = await start_proxy(cfg)
+    server = next(s for s in proxy.app.sinks if isinstance(s, SftapServer))
+    reader = await tap(server, "tcp/http")
+    r, w = await asyncio.open_connection(*proxy.http)
+    w.write(f"CONNECT 127.0.0.1:{oport} HTTP/1.1\r\nHost: 127.0.0.1:{oport}\r\n\r\n".encode())
+    assert (await r.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    client_port = w.get_extra_info("sockname")[1]
+    w.write(REQ)
+    assert await r.read() == RESP
+    w.close()
+    events = await reader.until(is_destroyed)
+    (rec,) = check_stream(events).values()
+    assert bytes(rec.up) == REQ and bytes(rec.down) == RESP
+    key = rec.created.key
+    assert {(key.ip1, key.port1), (key.ip2, key.port2)} == {
+        ("127.0.0.1", client_port),
+        ("127.0.0.1", oport),
+    }
+    origin_server.close()
