@@ -99,7 +99,6 @@ _L3_CODE = {"ipv4": 0, "ipv6": 41}
 _L3_NAME = {0: "ipv4", 41: "ipv6"}
 _L4_CODE = {"tcp": 6, "udp": 17}
 _L4_NAME = {6: "tcp", 17: "udp"}
-_EVENT_CODE = {CREATED: 0, DESTROYED: 1, DATA: 2}
 _MATCH_CODE = {"up": 0, "down": 1, "none": 2}
 _REASON_CODE = {name: i for i, name in enumerate(REASON_NAMES)}
 _FROM_CODE = {1: 0, 2: 1, None: 3}
@@ -529,10 +528,10 @@ __all__ = [
     "SERVED_CHUNK",
     "Event",
     "FlowKey",
-    "decode_binary",
-    "decode_text",
     "data_head",
     "data_message",
+    "decode_binary",
+    "decode_text",
     "encode_binary",
     "encode_created",
     "encode_data",
