@@ -98,9 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file")
 
-    tap = sub.add_parser(
-        "tap", help="print the events of an SF-TAP flow socket", add_help=False
-    )
+    tap = sub.add_parser("tap", help="print the events of an SF-TAP flow socket", add_help=False)
     tap.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 

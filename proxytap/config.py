@@ -109,7 +109,8 @@ class ExportConfig:
     sftap_home: str | None = None  # serve SF-TAP flow sockets under this directory
     sftap_mode: int = 0o660  # permission bits of the served sockets
     format: str = "text"  # default format of served sockets: "text" or "binary"
-    formats: Mapping[str, str] = field(default_factory=dict)  # per interface, e.g. {"tcp/http" = "binary"}
+    # per interface, e.g. {"tcp/http" = "binary"}
+    formats: Mapping[str, str] = field(default_factory=dict)
     reader_buffer: int = 4 << 20  # bytes buffered per connected reader before DATA is dropped
     loopback7: str | None = None  # connect to a running abstractor's loopback7 socket
     loopback7_buffer: int = 8 << 20

@@ -301,7 +301,9 @@ def closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def run(*argv: str, input: bytes | None = None, timeout: float = 60) -> tuple[int, bytes, bytes]:
+async def run(
+    *argv: str, input: bytes | None = None, timeout: float = 60
+) -> tuple[int, bytes, bytes]:
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,

@@ -39,8 +39,12 @@ async def test_bad_config_is_one_clear_line(tmp_path: Path) -> None:
         "[timeouts]\nbogus = 1\n": "timeouts.bogus: unknown key",
         "[timeouts]\nidle = -1\n": "timeouts.idle: must be > 0",
         "[timeouts]\nidle = 'x'\n": "timeouts.idle: expected a number, got str",
-        "[[listeners]]\nkind = 'ftp'\naddress = '127.0.0.1:1'\n": "listeners[0].kind: must be one of",
-        "[[listeners]]\nkind = 'http'\naddress = 'nope'\n": "listeners[0].address: expected HOST:PORT",
+        "[[listeners]]\nkind = 'ftp'\naddress = '127.0.0.1:1'\n": (
+            "listeners[0].kind: must be one of"
+        ),
+        "[[listeners]]\nkind = 'http'\naddress = 'nope'\n": (
+            "listeners[0].address: expected HOST:PORT"
+        ),
         "[export]\nformat = 'xml'\n": "export.format: must be text or binary",
         "not toml [": "is not valid TOML",
     }
@@ -48,7 +52,7 @@ async def test_bad_config_is_one_clear_line(tmp_path: Path) -> None:
         cfg = tmp_path / "bad.toml"
         cfg.write_text(text)
         for command in ("check-config", "run --config"):
-            rc, out, err = await run(*PROXYTAP, *command.split(), str(cfg))
+            rc, _, err = await run(*PROXYTAP, *command.split(), str(cfg))
             assert rc == 2, (text, err)
             lines = err.decode().splitlines()
             assert len(lines) == 1, lines
@@ -58,7 +62,9 @@ async def test_bad_config_is_one_clear_line(tmp_path: Path) -> None:
 
 async def _start(*args: str) -> tuple[asyncio.subprocess.Process, dict[str, int], list[str]]:
     proc = await asyncio.create_subprocess_exec(
-        *PROXYTAP, "run", *args,
+        *PROXYTAP,
+        "run",
+        *args,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -83,7 +89,11 @@ async def test_run_serves_and_sigterm_drains_then_exits_zero(origin: Origin) -> 
     try:
         assert set(ports) == {"http", "socks", "mixed"}
         rc, body, err = await run(
-            "curl", "-sS", "--fail", "--socks5-hostname", f"127.0.0.1:{ports['socks']}",
+            "curl",
+            "-sS",
+            "--fail",
+            "--socks5-hostname",
+            f"127.0.0.1:{ports['socks']}",
             f"http://localhost:{origin.port}/hello",
         )
         assert rc == 0, err

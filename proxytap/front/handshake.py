@@ -192,7 +192,11 @@ class ClientConnection(asyncio.Protocol):
         services.live.add(relay)
         log.debug(
             "tunnel %s %s:%d -> %s:%d (%s:%d) open",
-            conn.protocol, *conn.client, host, port, *peer,
+            conn.protocol,
+            *conn.client,
+            host,
+            port,
+            *peer,
         )
         relay.start(client, server, pending, early, services.config.limits.write_buffer_high)
 
@@ -207,8 +211,15 @@ class ClientConnection(asyncio.Protocol):
         services.live.discard(relay)
         log.info(
             "tunnel %s %s:%d -> %s:%d (%s:%d) %s up=%d down=%d %.3fs",
-            flow.tunnel, *flow.client, flow.requested_host, flow.requested_port, *flow.server,
-            reason.value, flow.bytes_up, flow.bytes_down, now - flow.start,
+            flow.tunnel,
+            *flow.client,
+            flow.requested_host,
+            flow.requested_port,
+            *flow.server,
+            reason.value,
+            flow.bytes_up,
+            flow.bytes_down,
+            now - flow.start,
         )
 
     # -- endings --------------------------------------------------------------------
@@ -217,7 +228,12 @@ class ClientConnection(asyncio.Protocol):
         assert self.transport is not None and self.conn is not None
         log.info(
             "connect %s %s:%d -> %s:%d failed: %s (%s)",
-            self.conn.protocol, *self.conn.client, host, port, failure.value, detail,
+            self.conn.protocol,
+            *self.conn.client,
+            host,
+            port,
+            failure.value,
+            detail,
         )
         if self.socks is not None:
             self.transport.write(self.socks.reply(failure.socks5))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
 from proxytap.config import ListenerConfig
@@ -25,10 +26,8 @@ async def start_listener(services: Services, listener: ListenerConfig) -> asynci
     )
     for sock in server.sockets:
         if sock.family == socket.AF_INET6:
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            except OSError:
-                pass
     return server
 
 

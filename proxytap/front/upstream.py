@@ -80,12 +80,11 @@ def interleave(addrs: Sequence[AddrInfo], prefer: str = "any") -> list[AddrInfo]
     """RFC 8305 section 4: alternate address families, starting with the preferred one."""
     if not addrs:
         return []
+    first: int = addrs[0][0]
     if prefer == "ipv4":
         first = socket.AF_INET
     elif prefer == "ipv6":
         first = socket.AF_INET6
-    else:
-        first = addrs[0][0]
     primary = [a for a in addrs if a[0] == first]
     secondary = [a for a in addrs if a[0] != first]
     out: list[AddrInfo] = []

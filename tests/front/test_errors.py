@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from proxytap.front.upstream import SocketConnector, SockAddr, SystemResolver
+from proxytap.front.upstream import SockAddr, SocketConnector, SystemResolver
 from tests.conftest import ProxyFactory, RunningProxy, closed_port
 
 NX = "no-such-host.invalid"
@@ -123,8 +123,18 @@ async def test_connect_unreachable(eproxy: RunningProxy) -> None:
 
 @pytest.mark.parametrize(
     "target",
-    ["127.0.0.1", "127.0.0.1:", "127.0.0.1:0", "127.0.0.1:65536", "[::1:443", "::1:443",
-     "user@127.0.0.1:443", "127.0.0.1:443/path", "127.0.0.1:+443", "bad host:443"],
+    [
+        "127.0.0.1",
+        "127.0.0.1:",
+        "127.0.0.1:0",
+        "127.0.0.1:65536",
+        "[::1:443",
+        "::1:443",
+        "user@127.0.0.1:443",
+        "127.0.0.1:443/path",
+        "127.0.0.1:+443",
+        "bad host:443",
+    ],
 )
 async def test_connect_malformed_target(eproxy: RunningProxy, target: str) -> None:
     got = await exchange(eproxy.http, connect_req(target))

@@ -36,8 +36,14 @@ async def test_connect_https_download_and_upload(
 ) -> None:
     out = tmp_path / "down"
     rc, _, err = await curl(
-        "-x", proxy.http_url, "--cacert", str(pki.ca_pem),
-        "-o", str(out), "--fail", f"{tls_origin.url}/bytes/{size}",
+        "-x",
+        proxy.http_url,
+        "--cacert",
+        str(pki.ca_pem),
+        "-o",
+        str(out),
+        "--fail",
+        f"{tls_origin.url}/bytes/{size}",
     )
     assert rc == 0, err
     assert hashlib.sha256(out.read_bytes()).hexdigest() == pattern_sha256(size)
@@ -45,9 +51,16 @@ async def test_connect_https_download_and_upload(
     up = tmp_path / "up"
     up.write_bytes(pattern(size))
     rc, body, err = await curl(
-        "-x", proxy.http_url, "--cacert", str(pki.ca_pem), "--fail",
-        "-H", "Content-Type: application/octet-stream",
-        "--data-binary", f"@{up}", f"{tls_origin.url}/upload",
+        "-x",
+        proxy.http_url,
+        "--cacert",
+        str(pki.ca_pem),
+        "--fail",
+        "-H",
+        "Content-Type: application/octet-stream",
+        "--data-binary",
+        f"@{up}",
+        f"{tls_origin.url}/upload",
     )
     assert rc == 0, err
     assert body.decode() == f"{size} {pattern_sha256(size)}"
@@ -80,7 +93,13 @@ async def test_connect_https_download_and_upload(
 )
 @pytest.mark.parametrize("size", [0, 1024, 100 << 20])
 async def test_curl_socks(
-    proxy: RunningProxy, origin: Origin, tmp_path: Path, flag: str, host: str, tunnel: str, size: int
+    proxy: RunningProxy,
+    origin: Origin,
+    tmp_path: Path,
+    flag: str,
+    host: str,
+    tunnel: str,
+    size: int,
 ) -> None:
     socks = "{}:{}".format(*proxy.socks)
     out = tmp_path / "down"
@@ -92,8 +111,14 @@ async def test_curl_socks(
     up = tmp_path / "up"
     up.write_bytes(pattern(size))
     rc, body, err = await curl(
-        flag, socks, "--fail", "--data-binary", f"@{up}",
-        "-H", "Content-Type: application/octet-stream", f"http://{host}:{origin.port}/upload",
+        flag,
+        socks,
+        "--fail",
+        "--data-binary",
+        f"@{up}",
+        "-H",
+        "Content-Type: application/octet-stream",
+        f"http://{host}:{origin.port}/upload",
     )
     assert rc == 0, err
     assert body.decode() == f"{size} {pattern_sha256(size)}"
