@@ -94,7 +94,7 @@ DEFAULT_CLIENTS: Final = ("127.0.0.0/8", "::1/128")
 MAX_HOST: Final = 255
 
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_HIGH: Final = int(ipaddress.IPv6Address("64:ff9b::")) >> 32
 _RULE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _RESERVED_NAMES = ("default-", "connect-ports", "invalid-")
 _LABEL = re.compile(r"[a-z0-9_-]{1,63}")
@@ -143,6 +143,13 @@ def parse_ip(text: str) -> IPAddress | None:
     return addr
 
 
+def _host_ip(name: str) -> IPAddress | None:
+    """``parse_ip`` for a normalised host, skipping the parse for obvious names."""
+    if ":" not in name and not name[-1:].isdigit():
+        return None
+    return parse_ip(name)
+
+
 def parse_network(text: object, key: str) -> Network:
     """A CIDR (or a bare address, meaning /32 or /128) from the config.
 
@@ -165,36 +172,43 @@ def embedded_ipv4(addr: IPAddress) -> list[tuple[str, ipaddress.IPv4Address]]:
     """IPv4 addresses a translator or relay would deliver ``addr`` to: (how, address)."""
     if not isinstance(addr, ipaddress.IPv6Address):
         return []
-    out: list[tuple[str, ipaddress.IPv4Address]] = []
-    if addr in _NAT64:
-        out.append(("nat64", ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)))
-    if addr.sixtofour is not None:
-        out.append(("6to4", addr.sixtofour))
-    if addr.teredo is not None:
-        out.append(("teredo", addr.teredo[1]))
-    return out
+    n = int(addr)
+    if n >> 32 == _NAT64_HIGH:  # 64:ff9b::/96, RFC 6052
+        return [("nat64", ipaddress.IPv4Address(n & 0xFFFFFFFF))]
+    if n >> 112 == 0x2002:  # 6to4, RFC 3056: 2002:AABB:CCDD::/48
+        return [("6to4", ipaddress.IPv4Address((n >> 80) & 0xFFFFFFFF))]
+    if n >> 96 == 0x20010000:  # Teredo, RFC 4380: the client address is stored inverted
+        return [("teredo", ipaddress.IPv4Address(~n & 0xFFFFFFFF))]
+    return []
 
 
 def _candidates(addr: IPAddress) -> list[tuple[str, IPAddress]]:
     return [("", addr), *embedded_ipv4(addr)]
 
 
+def _mask(net: Network) -> tuple[int, int]:
+    return int(net.network_address), int(net.netmask)
+
+
 class _NetSet:
-    """Networks split by family, for ``in`` tests without version mismatches."""
+    """Networks split by family, tested with integer masks (hot path: every connection)."""
 
     __slots__ = ("v4", "v6")
 
     def __init__(self, nets: Iterable[Network]) -> None:
         all_nets = list(nets)
-        self.v4 = tuple(n for n in all_nets if isinstance(n, ipaddress.IPv4Network))
-        self.v6 = tuple(n for n in all_nets if isinstance(n, ipaddress.IPv6Network))
+        self.v4 = tuple(_mask(n) for n in all_nets if isinstance(n, ipaddress.IPv4Network))
+        self.v6 = tuple(_mask(n) for n in all_nets if isinstance(n, ipaddress.IPv6Network))
 
     def __contains__(self, addr: object) -> bool:
         if isinstance(addr, ipaddress.IPv4Address):
-            return any(addr in n for n in self.v4)
-        if isinstance(addr, ipaddress.IPv6Address):
-            return any(addr in n for n in self.v6)
-        return False
+            nets = self.v4
+        elif isinstance(addr, ipaddress.IPv6Address):
+            nets = self.v6
+        else:
+            return False
+        n = int(addr)
+        return any(n & mask == base for base, mask in nets)
 
     def __bool__(self) -> bool:
         return bool(self.v4 or self.v6)
@@ -507,10 +521,14 @@ class DestinationPolicy:
         self.connect_ports = connect_ports
         self._allow = _NetSet(self.allow_dest)
         self._deny_v4 = tuple(
-            r for r in self.default_deny_ranges if isinstance(r.network, ipaddress.IPv4Network)
+            (*_mask(r.network), r.label)
+            for r in self.default_deny_ranges
+            if isinstance(r.network, ipaddress.IPv4Network)
         )
         self._deny_v6 = tuple(
-            r for r in self.default_deny_ranges if isinstance(r.network, ipaddress.IPv6Network)
+            (*_mask(r.network), r.label)
+            for r in self.default_deny_ranges
+            if isinstance(r.network, ipaddress.IPv6Network)
         )
 
     def check_connect_port(self, port: int) -> Decision:
@@ -527,7 +545,7 @@ class DestinationPolicy:
         returns an allowing decision. An IP literal is checked in full here.
         """
         name = normalize_host(host)
-        if parse_ip(name) is not None:
+        if _host_ip(name) is not None:
             decision = self.check_address(name, port, name, user)
             return None if decision.allowed else decision
         if len(name) > MAX_HOST:
@@ -552,7 +570,7 @@ class DestinationPolicy:
         if addr is None:
             return Decision.deny("invalid-address")
         name = normalize_host(host) if host is not None else None
-        is_ip = name is None or parse_ip(name) is not None
+        is_ip = name is None or _host_ip(name) is not None
         if name is None:
             name = str(addr)
         candidates = _candidates(addr)
@@ -578,11 +596,12 @@ class DestinationPolicy:
             return None
         for via, cand in candidates:
             ranges = self._deny_v4 if isinstance(cand, ipaddress.IPv4Address) else self._deny_v6
-            for r in ranges:
-                if cand in r.network:
+            n = int(cand)
+            for base, mask, label in ranges:
+                if n & mask == base:
                     if cand in self._allow:
                         break
-                    return f"{via}:{r.label}" if via else r.label
+                    return f"{via}:{label}" if via else label
         return None
 
 

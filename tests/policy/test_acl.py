@@ -497,6 +497,10 @@ def test_check_name_denies_ip_literals_early() -> None:
     assert policy.check_name("8.8.8.8", 80) is None
     assert policy.check_name("localhost", 80) is None  # a name: its addresses decide
     assert policy.check_name("x" * 300, 80) == Decision.deny("invalid-host")
+    # inet_aton spellings are names here; the resolved address is what gets checked
+    for spelling in ("2130706433", "127.1", "0x7f.0.0.1"):
+        assert policy.check_name(spelling, 80) is None
+        assert not policy.check_address("127.0.0.1", 80, spelling).allowed
 
 
 # -- config ------------------------------------------------------------------------------
