@@ -19,7 +19,7 @@ from typing import cast
 from proxytap.config import ListenerConfig
 from proxytap.errors import Failure, ProtocolError, UpstreamError, classify_os_error
 from proxytap.flows.table import CloseReason, Connection, endpoint
-from proxytap.front.relay import PendingUpstream, Relay
+from proxytap.front.relay import PendingUpstream, Relay, linger_close
 from proxytap.front.services import Services
 from proxytap.proto import httpconnect
 from proxytap.proto.socks import NEED_DATA, NO_AUTH, AuthRequest, ConnectRequest, SocksServer
@@ -247,7 +247,7 @@ class ClientConnection(asyncio.Protocol):
                     proxy_name=self.services.config.proxy_name,
                 )
             )
-        self._close(f"connect failed: {failure.value}")
+        self._close(f"connect failed: {failure.value}", linger=True)
 
     def _refuse(self, exc: ProtocolError) -> None:
         assert self.transport is not None
@@ -264,7 +264,7 @@ class ClientConnection(asyncio.Protocol):
                     proxy_name=self.services.config.proxy_name,
                 )
             )
-        self._close(f"protocol error: {exc.reason}")
+        self._close(f"protocol error: {exc.reason}", linger=True)
 
     def _handshake_timeout(self) -> None:
         self.timer = None
@@ -279,7 +279,7 @@ class ClientConnection(asyncio.Protocol):
                     proxy_name=self.services.config.proxy_name,
                 )
             )
-        self._close("handshake timeout")
+        self._close("handshake timeout", linger=True)
 
     def _handed_over(self) -> None:
         self.done = True
@@ -288,14 +288,18 @@ class ClientConnection(asyncio.Protocol):
             self.timer = None
         self.services.live.discard(self)
 
-    def _close(self, why: str) -> None:
+    def _close(self, why: str, *, linger: bool = False) -> None:
+        """Close the client; ``linger`` after a final answer so it is not lost to an RST."""
         if self.conn is not None and self.done is False:
             log.info("client %s:%d closed: %s", *self.conn.client, why)
         self._handed_over()
         if self.conn is not None:
             self.services.table.close_connection(self.conn)
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+            if linger:
+                linger_close(self.transport)
+            else:
+                self.transport.close()
 
     def shutdown(self, force: bool) -> None:
         """A connection still in its handshake is closed at once on shutdown."""

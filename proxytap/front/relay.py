@@ -214,3 +214,45 @@ class Relay:
             else:
                 transport.close()
         self.on_done(self, reason)
+
+
+class _Linger(asyncio.Protocol):
+    """Discards what the client still sends after our final answer, then closes."""
+
+    def __init__(self, transport: asyncio.Transport, budget: int) -> None:
+        self.transport = transport
+        self.budget = budget
+
+    def data_received(self, data: bytes) -> None:
+        self.budget -= len(data)
+        if self.budget < 0:
+            self.transport.close()
+
+    def eof_received(self) -> bool:
+        return False  # closes the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
+
+def linger_close(transport: asyncio.Transport, timeout: float = 2.0, budget: int = 1 << 16) -> None:
+    """Close after a final error answer without losing it.
+
+    Closing a socket with unread input makes the kernel send an RST, which can
+    destroy the answer before the client reads it. So: send FIN after the
+    answer, keep reading (and discarding, up to ``budget`` bytes) until the
+    client closes or ``timeout`` passes, then close (Apache's lingering close).
+    """
+    if transport.is_closing():
+        return
+    if not transport.can_write_eof():
+        transport.close()
+        return
+    try:
+        transport.write_eof()
+    except (OSError, RuntimeError):
+        transport.close()
+        return
+    transport.set_protocol(_Linger(transport, budget))
+    transport.resume_reading()
+    asyncio.get_running_loop().call_later(timeout, transport.close)
