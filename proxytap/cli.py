@@ -24,6 +24,7 @@ EPILOG = """\
 examples:
   proxytap run                                  HTTP on 127.0.0.1:8080, SOCKS on 127.0.0.1:1080
   proxytap run --mixed 0.0.0.0:3128 --sftap-home /tmp/sf-tap
+  proxytap run --allow-dest 10.0.0.0/8 --connect-ports 443,8443 --htpasswd /etc/proxytap/users
   proxytap run --config /etc/proxytap/proxytap.toml
   proxytap check-config deploy/proxytap.example.toml
   proxytap tap /tmp/sf-tap/tcp/http --hexdump
@@ -91,6 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--loopback7", metavar="PATH", help="feed a running abstractor's loopback7")
     run.add_argument("--idle-timeout", type=float, metavar="SECONDS", help="relay idle timeout")
     run.add_argument(
+        "--allow-dest",
+        metavar="CIDR",
+        action="append",
+        default=[],
+        help="exempt CIDR from the default-denied destinations (loopback, private, "
+        "link-local, metadata); repeatable",
+    )
+    run.add_argument(
+        "--connect-ports",
+        metavar="PORTS",
+        help="ports HTTP CONNECT may open, e.g. 443,8443,9000-9100 (default: 443)",
+    )
+    run.add_argument("--htpasswd", metavar="FILE", help="require authentication (htpasswd file)")
+    run.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], help="default: info"
     )
     run.add_argument("--log-format", choices=["text", "json"], help="default: text")
@@ -118,6 +133,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if args.loopback7:
         export = dataclasses.replace(export, loopback7=args.loopback7)
     cfg = dataclasses.replace(cfg, export=export)
+    access = cfg.access
+    if args.allow_dest:
+        access = dataclasses.replace(access, allow_dest=(*access.allow_dest, *args.allow_dest))
+    if args.connect_ports:
+        ports = tuple(p.strip() for p in args.connect_ports.split(",") if p.strip())
+        access = dataclasses.replace(access, connect_ports=ports)
+    cfg = dataclasses.replace(cfg, access=access)
+    if args.htpasswd:
+        cfg = dataclasses.replace(cfg, auth=dataclasses.replace(cfg.auth, htpasswd=args.htpasswd))
     if args.idle_timeout is not None:
         cfg = dataclasses.replace(
             cfg, timeouts=dataclasses.replace(cfg.timeouts, idle=args.idle_timeout)
@@ -135,6 +159,8 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         cfg = config_from_args(args)
+        if cfg.auth.htpasswd:
+            cfg.auth.load_htpasswd()  # a broken user file stops start-up here
     except ConfigError as exc:
         print(f"proxytap: config error: {exc}", file=sys.stderr)
         return 2

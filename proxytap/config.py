@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from proxytap.errors import ConfigError
+from proxytap.policy.acl import AccessConfig
+from proxytap.policy.auth import AuthConfig
 
 ListenerKind = Literal["http", "socks", "mixed"]
 LISTENER_KINDS = ("http", "socks", "mixed")
@@ -96,12 +98,38 @@ class UpstreamConfig:
 class LimitsConfig:
     max_head: int = 65536  # bytes of an HTTP request/response head
     max_request_line: int = 8192
+    max_headers: int = 100  # header fields in one HTTP head
+    max_connections: int = 10000  # client connections open at once; 0: no limit
+    max_connections_per_client: int = 256  # per client address; 0: no limit
     write_buffer_high: int = 1 << 20  # relay backpressure high-water mark per side
 
     def validate(self, key: str) -> None:
         for f in dataclasses.fields(self):
-            if getattr(self, f.name) <= 0:
+            value = getattr(self, f.name)
+            if f.name.startswith("max_connections"):
+                if value < 0:
+                    raise ConfigError(f"{key}.{f.name}", "must be >= 0 (0: no limit)")
+            elif value <= 0:
                 raise ConfigError(f"{key}.{f.name}", "must be > 0")
+
+
+SNI_MISMATCH = ("allow", "log", "deny")
+
+
+@dataclass(frozen=True)
+class TlsCheckConfig:
+    """Checks on a tunnel's TLS ClientHello (read, never altered)."""
+
+    # the ClientHello's SNI names another host than the CONNECT / SOCKS target:
+    # "allow" (record only), "log" (record and warn), "deny" (close before it is sent)
+    sni_mismatch: str = "log"
+    inspect_timeout: float = 5.0  # seconds to wait for a whole ClientHello in "deny" mode
+
+    def validate(self, key: str) -> None:
+        if self.sni_mismatch not in SNI_MISMATCH:
+            raise ConfigError(f"{key}.sni_mismatch", "must be allow, log or deny")
+        if self.inspect_timeout <= 0:
+            raise ConfigError(f"{key}.inspect_timeout", "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -154,6 +182,9 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     export: ExportConfig = ExportConfig()
     log: LogConfig = LogConfig()
+    access: AccessConfig = field(default_factory=AccessConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TlsCheckConfig = TlsCheckConfig()
     proxy_name: str = "proxytap"  # names proxytap in Proxy-Status and Via
 
     def validate(self) -> Config:
@@ -170,6 +201,9 @@ class Config:
         self.limits.validate("limits")
         self.export.validate("export")
         self.log.validate("log")
+        self.access.validate("access")
+        self.auth.validate("auth")
+        self.tls.validate("tls")
         if not self.proxy_name or any(c in self.proxy_name for c in ' ,;="\r\n'):
             raise ConfigError("proxy_name", "must be a non-empty token")
         return self

@@ -66,6 +66,7 @@ class Failure(enum.Enum):
     NET_UNREACHABLE = "destination_ip_unroutable"
     HOST_UNREACHABLE = "destination_unavailable"
     PROHIBITED = "destination_ip_prohibited"
+    DENIED = "http_request_denied"
     INTERNAL = "proxy_internal_error"
 
     @property
@@ -89,6 +90,7 @@ _HTTP_STATUS = {
     Failure.NET_UNREACHABLE: 502,
     Failure.HOST_UNREACHABLE: 502,
     Failure.PROHIBITED: 403,
+    Failure.DENIED: 403,
     Failure.INTERNAL: 502,
 }
 
@@ -101,6 +103,7 @@ _SOCKS5_CODE = {
     Failure.NET_UNREACHABLE: 0x03,
     Failure.HOST_UNREACHABLE: 0x04,
     Failure.PROHIBITED: 0x02,
+    Failure.DENIED: 0x02,
     Failure.INTERNAL: 0x01,
 }
 
@@ -112,6 +115,7 @@ _DESCRIPTION = {
     Failure.NET_UNREACHABLE: "the destination network is unreachable",
     Failure.HOST_UNREACHABLE: "the destination host is unreachable",
     Failure.PROHIBITED: "the destination is not allowed by policy",
+    Failure.DENIED: "the request is not allowed by policy",
     Failure.INTERNAL: "the proxy could not connect to the destination",
 }
 

@@ -18,8 +18,13 @@ from aiohttp import web
 
 from proxytap.app import App
 from proxytap.config import Config, ListenerConfig, Timeouts
+from proxytap.policy.acl import AccessConfig
 from proxytap.flows.table import CloseReason, Flow
 from tests.certs import Pki, make_pki
+
+# Tests talk to origins on loopback, which the default policy denies (a fresh
+# install must not reach the proxy host's own services), on any port.
+TEST_ACCESS = AccessConfig(allow_dest=("127.0.0.0/8", "::1/128"), connect_ports=("1-65535",))
 
 BLOCK = random.Random(20261122).randbytes(1 << 20)  # same bytes in every importer
 
@@ -153,7 +158,8 @@ async def start_proxy() -> AsyncIterator[ProxyFactory]:
                 ListenerConfig(kind="http", address="127.0.0.1:0", name="http"),
                 ListenerConfig(kind="socks", address="127.0.0.1:0", name="socks"),
                 ListenerConfig(kind="mixed", address="127.0.0.1:0", name="mixed"),
-            )
+            ),
+            access=TEST_ACCESS,
         )
         if timeouts:
             cfg = dataclasses.replace(cfg, timeouts=dataclasses.replace(Timeouts(), **timeouts))

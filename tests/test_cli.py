@@ -84,7 +84,16 @@ async def _start(*args: str) -> tuple[asyncio.subprocess.Process, dict[str, int]
 
 async def test_run_serves_and_sigterm_drains_then_exits_zero(origin: Origin) -> None:
     proc, ports, _ = await _start(
-        "--http", "127.0.0.1:0", "--socks", "127.0.0.1:0", "--mixed", "127.0.0.1:0"
+        "--http",
+        "127.0.0.1:0",
+        "--socks",
+        "127.0.0.1:0",
+        "--mixed",
+        "127.0.0.1:0",
+        "--allow-dest",
+        "127.0.0.0/8",
+        "--connect-ports",
+        "1-65535",
     )
     try:
         assert set(ports) == {"http", "socks", "mixed"}

@@ -152,6 +152,7 @@ class FlowTable:
         self._next_id = 1
         self.connections: dict[int, Connection] = {}
         self.flows: dict[int, Flow] = {}
+        self.per_client: dict[str, int] = {}  # open connections by client address
 
     def _id(self) -> int:
         i = self._next_id
@@ -163,10 +164,19 @@ class FlowTable:
     ) -> Connection:
         conn = Connection(self._id(), client, local, listener, now)
         self.connections[conn.id] = conn
+        self.per_client[client[0]] = self.per_client.get(client[0], 0) + 1
         return conn
 
     def close_connection(self, conn: Connection) -> None:
-        self.connections.pop(conn.id, None)
+        """Idempotent: the first call removes the connection and its count."""
+        if self.connections.pop(conn.id, None) is None:
+            return
+        ip = conn.client[0]
+        left = self.per_client.get(ip, 0) - 1
+        if left > 0:
+            self.per_client[ip] = left
+        else:
+            self.per_client.pop(ip, None)
 
     def open_flow(
         self,

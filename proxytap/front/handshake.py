@@ -19,10 +19,24 @@ from typing import cast
 from proxytap.config import ListenerConfig
 from proxytap.errors import Failure, ProtocolError, UpstreamError, classify_os_error
 from proxytap.flows.table import CloseReason, Connection, endpoint
+from proxytap.front.inspect import HelloInspector
 from proxytap.front.relay import PendingUpstream, Relay, linger_close
 from proxytap.front.services import Services
+from proxytap.policy.auth import (
+    parse_proxy_authorization,
+    proxy_authenticate_header,
+    socks4_userid_ok,
+)
 from proxytap.proto import httpconnect
-from proxytap.proto.socks import NEED_DATA, NO_AUTH, AuthRequest, ConnectRequest, SocksServer
+from proxytap.proto.socks import (
+    NEED_DATA,
+    NO_AUTH,
+    USERPASS,
+    AuthRequest,
+    ConnectRequest,
+    SocksServer,
+)
+from proxytap.proto.tlshello import ClientHello
 
 log = logging.getLogger("proxytap.front")
 
@@ -44,6 +58,7 @@ class ClientConnection(asyncio.Protocol):
         self.done = False  # handed over, or closed
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
+        self.refusal: tuple[str, str] | None = None  # (rule, reason) decided at accept
 
     # -- asyncio callbacks ----------------------------------------------------------
 
@@ -59,6 +74,8 @@ class ClientConnection(asyncio.Protocol):
             self.done = True
             return
         self.conn = services.table.open_connection(peer, local, self.listener.name, now)
+        # answered once the protocol is known (a precise SOCKS code or HTTP status)
+        self.refusal = services.admit(peer[0])
         services.live.add(self)
         loop = asyncio.get_running_loop()
         self.timer = loop.call_later(services.config.timeouts.handshake, self._handshake_timeout)
@@ -70,7 +87,8 @@ class ClientConnection(asyncio.Protocol):
             kind = self.listener.kind
             is_socks = data[0] in SOCKS_VERSIONS
             if kind == "socks" or (kind == "mixed" and is_socks):
-                self.socks = SocksServer(methods=(NO_AUTH,))
+                auth = self.services.auth is not None
+                self.socks = SocksServer(methods=(USERPASS,) if auth else (NO_AUTH,))
             else:
                 self.http = True
         try:
@@ -115,11 +133,44 @@ class ClientConnection(asyncio.Protocol):
             if event is NEED_DATA:
                 return
             if isinstance(event, AuthRequest):
-                socks.auth_result(False)  # no user database configured: never offered
-                continue
+                if self.refusal is not None or self.services.auth is None:
+                    socks.auth_result(False)
+                    continue
+                self._socks_auth(event)
+                return
             if isinstance(event, ConnectRequest):
+                if self.refusal is not None:
+                    self._deny(*self.refusal)
+                    return
+                allowed = self.services.config.auth.socks4_userids
+                if event.version == 4 and not socks4_userid_ok(event.user_id, allowed):
+                    self._deny("socks4-userid", "SOCKS4 user id not accepted")
+                    return
                 self._begin(event.host, event.port, event.protocol, socks.trailing_data())
                 return
+
+    def _socks_auth(self, request: AuthRequest) -> None:
+        assert self.transport is not None
+        self.transport.pause_reading()
+        self.task = self.services.tasks.spawn(self._socks_auth_task(request))
+
+    async def _socks_auth_task(self, request: AuthRequest) -> None:
+        auth = self.services.auth
+        assert auth is not None and self.socks is not None and self.transport is not None
+        ok = await auth.check(request.username, request.password)
+        if self.done:
+            return
+        self.socks.auth_result(ok)
+        if ok:
+            assert self.conn is not None
+            self.conn.user = request.username
+        else:
+            self._auth_failed(request.username)
+        self.transport.resume_reading()
+        try:
+            self._socks_step()
+        except ProtocolError as exc:
+            self._refuse(exc)
 
     def _http_step(self) -> None:
         limits = self.services.config.limits
@@ -128,11 +179,15 @@ class ClientConnection(asyncio.Protocol):
             return
         head = httpconnect.parse_head(bytes(self.buf[:end]))
         self.http_version = head.version
+        if self.refusal is not None:
+            self._deny(*self.refusal)
+            return
         if head.method != "CONNECT":
             self._forward()
             return
         host, port = httpconnect.parse_authority(head.target)
-        self._begin(host, port, "http-connect", bytes(self.buf[end:]))
+        credentials = head.values("proxy-authorization")
+        self._begin(host, port, "http-connect", bytes(self.buf[end:]), credentials)
 
     def _forward(self) -> None:
         from proxytap.front.http_forward import HttpForwarder
@@ -146,22 +201,64 @@ class ClientConnection(asyncio.Protocol):
 
     # -- connecting -----------------------------------------------------------------
 
-    def _begin(self, host: str, port: int, protocol: str, early: bytes) -> None:
+    def _begin(
+        self,
+        host: str,
+        port: int,
+        protocol: str,
+        early: bytes,
+        credentials: tuple[str, ...] | None = None,
+    ) -> None:
         assert self.transport is not None and self.conn is not None
         self.transport.pause_reading()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         self.conn.protocol = protocol
-        self.task = self.services.tasks.spawn(self._open_tunnel(host, port, early))
+        self.task = self.services.tasks.spawn(self._open_tunnel(host, port, early, credentials))
 
-    async def _open_tunnel(self, host: str, port: int, early: bytes) -> None:
+    async def _http_user(self, credentials: tuple[str, ...]) -> str | None:
+        """The authenticated user of a CONNECT, or None after answering 400/407."""
+        auth = self.services.auth
+        assert auth is not None
+        realm = self.services.config.auth.realm
+        if not credentials:
+            self._deny("auth", "proxy authentication required", status=407, realm=realm)
+            return None
+        try:
+            user, password = parse_proxy_authorization(credentials[0])
+        except ProtocolError as exc:
+            self._auth_failed(None)
+            if exc.status == 407:
+                self._deny("auth", exc.reason, status=407, realm=realm)
+            else:
+                self._refuse(exc)
+            return None
+        if not await auth.check(user, password):
+            self._auth_failed(user)
+            self._deny("auth", "wrong user name or password", status=407, realm=realm)
+            return None
+        return user
+
+    async def _open_tunnel(
+        self, host: str, port: int, early: bytes, credentials: tuple[str, ...] | None
+    ) -> None:
         services = self.services
         client = self.transport
         conn = self.conn
         assert client is not None and conn is not None
+        if credentials is not None:
+            if services.auth is not None:
+                user = await self._http_user(credentials)
+                if user is None or self.done:
+                    return
+                conn.user = user
+            verdict = services.destinations.check_connect_port(port)
+            if not verdict.allowed:
+                self._connect_failed(host, port, Failure.DENIED, f"rule {verdict.rule}")
+                return
         try:
-            sock = await services.connect(host, port)
+            sock = await services.connect(host, port, conn.user)
         except UpstreamError as exc:
             self._connect_failed(host, port, exc.failure, exc.detail)
             return
@@ -198,7 +295,33 @@ class ClientConnection(asyncio.Protocol):
             port,
             *peer,
         )
-        relay.start(client, server, pending, early, services.config.limits.write_buffer_high)
+        relay.start(
+            client,
+            server,
+            pending,
+            early,
+            services.config.limits.write_buffer_high,
+            inspect=self._inspector,
+        )
+
+    def _inspector(self, relay: Relay) -> HelloInspector:
+        tls = self.services.config.tls
+
+        def mismatch(hello: ClientHello) -> None:
+            flow = relay.flow
+            self.services.refused("sni-mismatch", tls.sni_mismatch)
+            if tls.sni_mismatch != "allow":
+                log.warning(
+                    "sni mismatch (%s): %s %s:%d asked for %s:%d, its ClientHello names %s",
+                    tls.sni_mismatch,
+                    flow.tunnel,
+                    *flow.client,
+                    flow.requested_host,
+                    flow.requested_port,
+                    hello.sni,
+                )
+
+        return HelloInspector(relay, tls.sni_mismatch, tls.inspect_timeout, mismatch)
 
     def _relay_done(self, relay: Relay, reason: CloseReason) -> None:
         services = self.services
@@ -248,6 +371,38 @@ class ClientConnection(asyncio.Protocol):
                 )
             )
         self._close(f"connect failed: {failure.value}", linger=True)
+
+    def _auth_failed(self, user: str | None) -> None:
+        assert self.conn is not None
+        self.services.refused("auth", "bad credentials")
+        log.info("client %s:%d authentication failed (user %r)", *self.conn.client, user)
+
+    def _deny(
+        self, rule: str, reason: str, *, status: int | None = None, realm: str | None = None
+    ) -> None:
+        """A policy refusal: 403/407/503 for HTTP, 0x02 (0x01 for limits) / 0x5B for SOCKS."""
+        assert self.transport is not None and self.conn is not None
+        self.services.refused(rule, reason)
+        limit = rule.startswith("max-connections")
+        if self.socks is not None:
+            self.transport.write(self.socks.reply(0x01 if limit else 0x02))
+        else:
+            if status is None:
+                status = 503 if limit else 403
+            extra = [proxy_authenticate_header(realm)] if realm is not None else []
+            error = "connection_limit_reached" if limit else "http_request_denied"
+            self.transport.write(
+                httpconnect.error_response(
+                    status,
+                    reason,
+                    error,
+                    version=self.http_version,
+                    proxy_name=self.services.config.proxy_name,
+                    extra_headers=extra,
+                )
+            )
+        log.info("client %s:%d refused by %s: %s", *self.conn.client, rule, reason)
+        self._close(f"refused by {rule}", linger=True)
 
     def _refuse(self, exc: ProtocolError) -> None:
         assert self.transport is not None

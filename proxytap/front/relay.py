@@ -160,18 +160,24 @@ class Relay:
         pending: PendingUpstream,
         early: bytes = b"",
         high_water: int = 1 << 20,
+        inspect: Callable[[Relay], asyncio.Protocol] | None = None,
     ) -> None:
-        """Take over both transports; ``early`` holds client bytes read with the handshake."""
+        """Take over both transports; ``early`` holds client bytes read with the handshake.
+
+        ``inspect`` builds a protocol that sees the client's first bytes before
+        the relay does (the ClientHello check) and hands over to ``self.up``.
+        """
         self.up = _Side(self, UP, client, server)
         self.down = _Side(self, DOWN, server, client)
         for transport in (client, server):
             transport.set_write_buffer_limits(high=high_water)
-        client.set_protocol(self.up)
+        first: asyncio.Protocol = inspect(self) if inspect is not None else self.up
+        client.set_protocol(first)
         server.set_protocol(self.down)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.idle, self._idle_check)
         if early:
-            self.up.data_received(early)
+            first.data_received(early)
         for chunk in pending.chunks:
             self.down.data_received(chunk)
         if pending.lost:

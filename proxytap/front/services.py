@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from proxytap.config import Config
-from proxytap.errors import Failure
+from proxytap.errors import Failure, UpstreamError
 from proxytap.export.hub import Hub
 from proxytap.flows.table import FlowTable
+from proxytap.front.authn import Authenticator
 from proxytap.front.upstream import (
     AddrInfo,
     Connector,
@@ -21,6 +22,7 @@ from proxytap.front.upstream import (
     SystemResolver,
     open_upstream,
 )
+from proxytap.policy.acl import ClientAcl, DestinationPolicy, build_policy
 
 log = logging.getLogger("proxytap")
 
@@ -65,12 +67,48 @@ class Services:
     tasks: TaskSet = field(default_factory=TaskSet)
     live: set[Closable] = field(default_factory=set)
     draining: bool = False
+    clients: ClientAcl = field(init=False)
+    destinations: DestinationPolicy = field(init=False)
+    auth: Authenticator | None = field(init=False)
+    refusals: dict[tuple[str, str], int] = field(default_factory=dict)  # (rule, reason) -> count
 
-    def check_destination(self, addr: AddrInfo) -> Failure | None:
-        """Policy on the resolved address about to be connected (issue C fills this)."""
+    def __post_init__(self) -> None:
+        self.clients, self.destinations = build_policy(self.config.access)
+        self.auth = Authenticator.from_config(self.config.auth)
+
+    def refused(self, rule: str, reason: str) -> None:
+        key = (rule, reason)
+        self.refusals[key] = self.refusals.get(key, 0) + 1
+
+    def admit(self, client_ip: str) -> tuple[str, str] | None:
+        """(rule, reason) when a client connection just opened must be refused."""
+        limits = self.config.limits
+        count = self.table.per_client.get(client_ip, 0)
+        if not self.clients.allowed(client_ip):
+            return ("client-acl", "client address not allowed")
+        if limits.max_connections and len(self.table.connections) > limits.max_connections:
+            return ("max-connections", "connection limit reached")
+        if limits.max_connections_per_client and count > limits.max_connections_per_client:
+            return ("max-connections-per-client", "too many connections from this client")
         return None
 
-    async def connect(self, host: str, port: int) -> socket.socket:
+    async def connect(self, host: str, port: int, user: str | None = None) -> socket.socket:
+        """Policy, then resolve and connect; ``UpstreamError`` names the failure.
+
+        The name is judged before any lookup, every resolved address right
+        before it would be contacted (a denied address is never sent a packet).
+        """
+        decision = self.destinations.check_name(host, port, user)
+        if decision is not None and not decision.allowed:
+            raise UpstreamError(decision.failure or Failure.DENIED, f"rule {decision.rule}")
+        policy = self.destinations
+
+        def check(addr: AddrInfo) -> tuple[Failure, str] | None:
+            verdict = policy.check_address(addr[1][0], port, host, user)
+            if verdict.allowed:
+                return None
+            return verdict.failure or Failure.PROHIBITED, f"rule {verdict.rule} ({addr[1][0]})"
+
         cfg = self.config
         return await open_upstream(
             host,
@@ -80,5 +118,5 @@ class Services:
             timeout=cfg.timeouts.connect,
             delay=cfg.upstream.happy_eyeballs_delay,
             prefer=cfg.upstream.prefer,
-            check=self.check_destination,
+            check=check,
         )

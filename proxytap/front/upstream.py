@@ -142,12 +142,13 @@ async def open_upstream(
     timeout: float,
     delay: float = 0.25,
     prefer: str = "any",
-    check: Callable[[AddrInfo], Failure | None] | None = None,
+    check: Callable[[AddrInfo], tuple[Failure, str] | None] | None = None,
 ) -> socket.socket:
     """Resolve ``host`` and connect to it within ``timeout`` seconds; a connected socket.
 
-    ``check`` may veto an address (returning the ``Failure`` to report); vetoed
-    addresses are never contacted. Raises ``UpstreamError``.
+    ``check`` may veto an address (returning the ``Failure`` to report and a
+    detail for the log); vetoed addresses are never contacted. Raises
+    ``UpstreamError``.
     """
     phase = "connect"
     try:
@@ -169,15 +170,16 @@ async def open_upstream(
                 phase = "connect"
             if check is not None:
                 allowed = []
-                veto: Failure | None = None
+                veto: tuple[Failure, str] | None = None
                 for addr in addrs:
-                    failure = check(addr)
-                    if failure is None:
+                    verdict = check(addr)
+                    if verdict is None:
                         allowed.append(addr)
                     elif veto is None:
-                        veto = failure
+                        veto = verdict
                 if not allowed:
-                    raise UpstreamError(veto or Failure.PROHIBITED, f"{host!r} denied")
+                    assert veto is not None
+                    raise UpstreamError(*veto)
                 addrs = allowed
             return await _happy_eyeballs(interleave(addrs, prefer), connector, delay)
     except TimeoutError:

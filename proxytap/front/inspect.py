@@ -1,0 +1,154 @@
+"""A tunnel's first client bytes: the TLS ClientHello is read before it is relayed.
+
+The client side of a tunnel starts here instead of in the relay. It holds what
+the client sends until the ClientHello is complete (or the bytes are clearly
+not TLS), records SNI and ALPN on the flow, compares the SNI with the host the
+client asked the proxy for (CONNECT target, SOCKS4a / SOCKS5 name), and then
+either hands everything to the relay or, with ``sni_mismatch = "deny"``,
+closes the tunnel before a single byte of the hello reaches the destination
+(domain fronting and smuggled destinations show up here). Only the first
+bytes of a tunnel pass through this; the relay's hot path is untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from proxytap.errors import ProtocolError
+from proxytap.flows.table import CloseReason
+from proxytap.proto.tlshello import ClientHello, ClientHelloReader, is_tls_handshake
+
+if TYPE_CHECKING:
+    from proxytap.front.relay import Relay
+
+log = logging.getLogger("proxytap.front")
+
+
+def _canonical(host: str) -> str:
+    return host.lower().rstrip(".")
+
+
+def sni_mismatch(requested_host: str, sni: str | None) -> bool:
+    """True when the hello names another host than the one the client asked for.
+
+    A request by IP address cannot be compared with a name (the client chose
+    the address itself), and a hello without SNI names nothing: neither is a
+    mismatch.
+    """
+    if sni is None:
+        return False
+    try:
+        ipaddress.ip_address(requested_host)
+        return False
+    except ValueError:
+        pass
+    return _canonical(requested_host) != _canonical(sni)
+
+
+class HelloInspector(asyncio.Protocol):
+    """The client transport's protocol until the first bytes are judged."""
+
+    def __init__(
+        self,
+        relay: Relay,
+        mode: str,
+        timeout: float,
+        on_mismatch: Callable[[ClientHello], None],
+    ) -> None:
+        self.relay = relay
+        self.mode = mode
+        self.reader = ClientHelloReader()
+        self.held = bytearray()
+        self.fed = 0  # how much of ``held`` the hello reader has seen
+        self.on_mismatch = on_mismatch
+        self.decided = False
+        self.timer = asyncio.get_running_loop().call_later(timeout, self._timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.decided:  # only after a deny: the relay is closing
+            return
+        self.held += data
+        verdict = is_tls_handshake(bytes(self.held[:3]))
+        if verdict is None:
+            return
+        hello: ClientHello | None = None
+        if verdict:
+            try:
+                hello = self.reader.feed(bytes(self.held[self.fed :]))
+                self.fed = len(self.held)
+            except ProtocolError as exc:
+                self._not_a_hello(exc.reason)
+                return
+            if hello is None:
+                return
+            self._judge(hello)
+        else:
+            self._release()
+
+    def eof_received(self) -> bool | None:
+        self._release()
+        return self.relay.up.eof_received() if not self.relay.closed else False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.decided:
+            self._release()
+        if not self.relay.closed:
+            self.relay.up.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.relay.up.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.relay.up.resume_writing()
+
+    # -----------------------------------------------------------------------------
+
+    def _judge(self, hello: ClientHello) -> None:
+        flow = self.relay.flow
+        flow.sni = hello.sni
+        flow.alpn = ",".join(hello.alpn) or None
+        if sni_mismatch(flow.requested_host, hello.sni):
+            self.on_mismatch(hello)
+            if self.mode == "deny":
+                self.decided = True
+                self.timer.cancel()
+                self.relay.finish(CloseReason.ERROR)
+                return
+        self._release()
+
+    def _not_a_hello(self, reason: str) -> None:
+        if self.mode == "deny":
+            log.warning(
+                "tunnel %s:%d -> %s:%d closed: malformed TLS ClientHello (%s)",
+                *self.relay.flow.client,
+                self.relay.flow.requested_host,
+                self.relay.flow.requested_port,
+                reason,
+            )
+            self.decided = True
+            self.timer.cancel()
+            self.relay.finish(CloseReason.ERROR)
+            return
+        self._release()
+
+    def _timeout(self) -> None:
+        if not self.decided and not self.relay.closed:
+            self._release()
+
+    def _release(self) -> None:
+        """Hand the client transport and what it sent so far to the relay."""
+        if self.decided:
+            return
+        self.decided = True
+        self.timer.cancel()
+        relay = self.relay
+        if relay.closed:
+            return
+        relay.up.rx.set_protocol(relay.up)
+        if self.held:
+            relay.up.data_received(bytes(self.held))
+            self.held.clear()
