@@ -1,0 +1,461 @@
+#!/usr/bin/env bash
+# proxytap benchmark: proxytap (export OFF and ON) vs direct and peer proxies, loopback only.
+# Run from anywhere (`make bench` or `bash bench/run.sh`); see bench/README.md.
+# Drives the shared harness ../shared/bench/bench.py (override with BENCH_SHARED).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+if [ $# -gt 0 ]; then
+    echo "bench/run.sh takes no arguments; set BENCH_* / PB_* variables (see bench/README.md)" >&2
+    exit 2
+fi
+
+# ------------------------------------------------------------------ settings
+SHARED=${BENCH_SHARED:-$ROOT/../shared/bench}
+OUT=${BENCH_OUT:-$ROOT/bench/out}
+RUNS=${BENCH_RUNS:-3}
+WORKLOADS=${BENCH_WORKLOADS:-ABCD}
+PEERS=${BENCH_PEERS:-squid,mitm-pass,mitm-socks-pass,dante}
+PEER_WORKLOADS=${BENCH_PEER_WORKLOADS:-$WORKLOADS}
+EXPORT=${BENCH_EXPORT:-1}                # 0: skip the export-ON pass
+HTTP_PORT=${BENCH_HTTP_PORT:-13180}
+SOCKS_PORT=${BENCH_SOCKS_PORT:-13181}
+VENV=$ROOT/.venv
+export PB_VENV=${PB_VENV:-$VENV}         # bench.py runs the mitm peers from $PB_VENV/bin/mitmdump
+export PB_WORK=${PB_WORK:-/tmp/peerbench}
+D_COUNT=${PB_D_COUNT:-2000}
+
+PROXYTAP=${BENCH_PROXYTAP:-$VENV/bin/proxytap}   # e.g. a clean worktree's .venv/bin/proxytap
+VPY=$VENV/bin/python
+
+log() { printf '%s [bench] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+NOTES=()                                 # problems worth a line in the report
+note() { log "NOTE: $*"; NOTES+=("$*"); }
+
+# ------------------------------------------------------------------ state for cleanup
+PT_PID=""        # running proxytap
+RD_PID=""        # running sftap reader
+CHILD=""         # running bench.py (backgrounded so signals reach the trap at once)
+ORIGIN_OURS=0
+PEER_PORTS=()
+declare -A PEER_PRE=()   # port -> listener pids that existed before the suite
+TMP=""
+
+listen_pids() {  # pids listening on 127.0.0.1:PORT (TCP)
+    ss -ltnpH "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u || true
+}
+port_busy() { [ -n "$(ss -ltnH "sport = :$1" 2>/dev/null)" ]; }
+
+STOP_RC=0
+stop_pid() {     # stop_pid PID NAME GRACE: SIGTERM, wait GRACE s, then SIGKILL; exit code in STOP_RC
+    local pid=$1 name=$2 grace=$3 i rc=0
+    if ! kill -0 "$pid" 2>/dev/null; then
+        wait "$pid" 2>/dev/null || rc=$?
+        STOP_RC=$rc
+        return 0
+    fi
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < grace * 10; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        note "$name (pid $pid) did not exit within ${grace}s of SIGTERM; sent SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || rc=$?
+    STOP_RC=$rc
+}
+
+stop_reader() {
+    [ -n "$RD_PID" ] || return 0
+    stop_pid "$RD_PID" "sftap reader" 5
+    RD_PID=""
+}
+
+PT_LOG=""
+PT_LABEL=""
+stop_proxytap() {
+    [ -n "$PT_PID" ] || return 0
+    local rc
+    stop_pid "$PT_PID" "proxytap ($PT_LABEL)" 15
+    rc=$STOP_RC
+    # 0 = clean exit after SIGTERM; 143 = killed by SIGTERM before its handler was installed
+    if [ "$rc" != 0 ] && [ "$rc" != 143 ]; then
+        note "proxytap ($PT_LABEL) exited with status $rc after SIGTERM (log: ${PT_LOG#"$ROOT"/})"
+    fi
+    PT_PID=""
+}
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    set +e
+    if [ -n "$CHILD" ] && kill -0 "$CHILD" 2>/dev/null; then
+        log "stopping bench.py (pid $CHILD)"
+        stop_pid "$CHILD" "bench.py" 20   # bench.py stops its peers on SIGTERM
+    fi
+    stop_reader
+    stop_proxytap
+    # safety net: a peer that bench.py started (own session, cwd $PB_WORK) and left behind
+    local port pid
+    for port in "${PEER_PORTS[@]}"; do
+        for pid in $(listen_pids "$port"); do
+            case " ${PEER_PRE[$port]:-} " in *" $pid "*) continue ;; esac
+            if [ "$(readlink "/proc/$pid/cwd" 2>/dev/null)" = "$PB_WORK" ]; then
+                local pgid
+                pgid=$(ps -o pgid= -p "$pid" | tr -d ' ')
+                log "peer on port $port (pid $pid) still running; stopping its process group $pgid"
+                kill -TERM -- "-$pgid" 2>/dev/null
+                sleep 1
+                kill -KILL -- "-$pgid" 2>/dev/null
+            fi
+        done
+    done
+    if [ "$ORIGIN_OURS" = 1 ]; then
+        log "origin down"
+        "${BENCH_PY[@]}" origin down
+    fi
+    if [ -n "$TMP" ]; then rm -rf "$TMP"; fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+bg_wait() {      # run a command in the background and wait for it (signals interrupt the wait)
+    "$@" &
+    CHILD=$!
+    local rc=0
+    wait "$CHILD" || rc=$?
+    CHILD=""
+    return "$rc"
+}
+
+# ------------------------------------------------------------------ 1. tools
+[ -f "$SHARED/bench.py" ] || die "shared harness not found: $SHARED/bench.py (set BENCH_SHARED)"
+SHARED=$(cd "$SHARED" && pwd)
+
+PY3=${BENCH_PYTHON:-python3}
+if ! "$PY3" -c 'import sys; sys.exit(sys.version_info < (3, 8))' 2>/dev/null; then
+    PY3=$VPY
+fi
+BENCH_PY=("$PY3" "$SHARED/bench.py")
+
+pkgs=()
+need() { command -v "$1" >/dev/null 2>&1 || pkgs+=("$2"); }
+need nginx nginx-light
+need wrk wrk
+need gcc gcc
+need ss iproute2
+need ps procps
+case ",$PEERS," in *,none,*) PEERS="" ;; esac
+IFS=, read -r -a PEER_LIST <<<"$PEERS"
+for p in "${PEER_LIST[@]}"; do
+    case $p in
+        squid) need squid squid ;;
+        dante) need danted dante-server ;;
+        tinyproxy) need tinyproxy tinyproxy ;;
+        microsocks) need microsocks microsocks ;;
+    esac
+done
+if [ ${#pkgs[@]} -gt 0 ]; then
+    mapfile -t pkgs < <(printf '%s\n' "${pkgs[@]}" | sort -u)
+    log "installing: ${pkgs[*]}"
+    SUDO=()
+    if [ "$(id -u)" != 0 ]; then
+        command -v sudo >/dev/null || die "need root (or sudo) to apt-get install ${pkgs[*]}"
+        SUDO=(sudo)
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    "${SUDO[@]}" apt-get update -q
+    "${SUDO[@]}" apt-get install -y -q --no-install-recommends "${pkgs[@]}"
+fi
+
+if [ ! -x "$VPY" ]; then
+    log "project venv missing; running make .venv/.installed"
+    make .venv/.installed
+fi
+[ -x "$PROXYTAP" ] || die "proxytap not found: $PROXYTAP"
+for p in "${PEER_LIST[@]}"; do
+    case $p in
+        mitm-*) [ -x "$PB_VENV/bin/mitmdump" ] || die "peer $p needs $PB_VENV/bin/mitmdump" ;;
+        proxy.py | pproxy-*) log "peer $p needs its package in PB_VENV=$PB_VENV (see $SHARED/README.md)" ;;
+    esac
+done
+
+for port in "$HTTP_PORT" "$SOCKS_PORT"; do
+    port_busy "$port" && die "port $port is already in use (set BENCH_HTTP_PORT / BENCH_SOCKS_PORT)"
+done
+
+# ------------------------------------------------------------------ output dir
+mkdir -p "$OUT"
+if compgen -G "$OUT/*.json" >/dev/null || [ -e "$OUT/report.md" ]; then
+    prev="$OUT/archive/$(date -r "$OUT/report.md" +%Y%m%d-%H%M%S 2>/dev/null || date +%Y%m%d-%H%M%S)-prev"
+    mkdir -p "$prev"
+    find "$OUT" -maxdepth 1 -type f -exec mv -t "$prev" {} +
+    log "previous results moved to ${prev#"$ROOT"/}"
+fi
+TMP=$(mktemp -d /tmp/proxytap-bench.XXXXXX)
+T_START=$(date +%s)
+
+# ------------------------------------------------------------------ proxytap settings
+# Loopback destinations, every CONNECT port, no connection caps (see the file), minus
+# any key this proxytap does not know yet.
+CONF_ARGS=()
+CONF_NOTE="proxytap defaults"
+if fit=$("$VPY" "$ROOT/bench/config_fit.py" "$ROOT/bench/proxytap-bench.toml" \
+    "$OUT/proxytap-bench.toml" "$PROXYTAP" 2>&1); then
+    CONF_ARGS=(--config "$OUT/proxytap-bench.toml")
+    CONF_NOTE="bench/proxytap-bench.toml (as accepted: bench/out/proxytap-bench.toml)"
+    while read -r word key; do
+        if [ "$word" = dropped ]; then
+            note "this proxytap does not know the setting '$key' from bench/proxytap-bench.toml; ran without it"
+        fi
+    done <<<"$fit"
+else
+    note "bench/proxytap-bench.toml not accepted by proxytap ($(echo "$fit" | tail -1)); ran with proxytap defaults"
+fi
+
+# ------------------------------------------------------------------ origin
+if port_busy 11080 && port_busy 11001 && port_busy 11002; then
+    log "origin already running (not ours): leaving it up afterwards"
+else
+    ORIGIN_OURS=1
+fi
+mkdir -p "$PB_WORK"
+"${BENCH_PY[@]}" origin up || die "origin up failed"
+
+# ------------------------------------------------------------------ proxytap
+# start_proxytap LABEL [extra args]: fresh process, waits until both listeners are up
+start_proxytap() {
+    local label=$1 i
+    shift
+    PT_LABEL=$label
+    PT_LOG="$OUT/proxytap-$label.log"
+    "$PROXYTAP" run --http "127.0.0.1:$HTTP_PORT" --socks "127.0.0.1:$SOCKS_PORT" \
+        --log-level warning "${CONF_ARGS[@]}" "$@" >"$PT_LOG" 2>&1 </dev/null &
+    PT_PID=$!
+    for ((i = 0; i < 300; i++)); do
+        if ! kill -0 "$PT_PID" 2>/dev/null; then
+            local rc=0
+            wait "$PT_PID" || rc=$?
+            PT_PID=""
+            log "proxytap ($label) exited with status $rc during start-up:"
+            sed 's/^/    /' "$PT_LOG" | tail -20 >&2
+            return 1
+        fi
+        if listen_pids "$HTTP_PORT" | grep -qx "$PT_PID" &&
+            listen_pids "$SOCKS_PORT" | grep -qx "$PT_PID"; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    log "proxytap ($label) not listening after 30 s"
+    stop_proxytap
+    return 1
+}
+
+# start_reader LABEL HOME: drains every flow socket; fails if no socket shows up
+start_reader() {
+    local label=$1 home=$2 rout="$TMP/reader-$1.out" i
+    "$VPY" "$ROOT/bench/sftap_drain.py" "$home" --ready-timeout 15 --max-secs 7200 \
+        --stats "$OUT/reader-$label.json" >"$rout" 2>&1 &
+    RD_PID=$!
+    for ((i = 0; i < 200; i++)); do
+        if grep -q '^READY' "$rout"; then
+            log "reader ($label): $(head -1 "$rout") sockets under $home"
+            return 0
+        fi
+        kill -0 "$RD_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    log "reader ($label) failed: $(tr '\n' ' ' <"$rout")"
+    stop_reader
+    return 1
+}
+
+strip_d() { local w=${1//D/}; echo "$w"; }
+http_wl=$WORKLOADS
+socks_wl=${WORKLOADS//A/}
+JSONS=()
+READERS=()
+KA_VERDICT="not run"
+
+PROBES=()
+probe() {        # probe WHEN LABEL: 3 keep-alive plain-HTTP requests, as wrk sends them
+    local res
+    res=$("$PY3" "$ROOT/bench/http_probe.py" "$HTTP_PORT" 2>&1 | tail -1) || true
+    log "http probe ($2, $1): $res"
+    PROBES+=("$2, $1: $res")
+    case $res in ok:*) ;; *) note "plain-HTTP probe ($2, $1) failed: $res" ;; esac
+}
+
+# bench_one NAME KIND PORT WORKLOADS RUNS OUTFILE
+bench_one() {
+    local name=$1 kind=$2 port=$3 wl=$4 runs=$5 out=$6
+    [ -n "$wl" ] || return 0
+    log "bench $name ($kind 127.0.0.1:$port) workloads $wl, $runs run(s)"
+    if bg_wait "${BENCH_PY[@]}" run --proxy "127.0.0.1:$port" --kind "$kind" --pid "$PT_PID" \
+        --name "$name" --workloads "$wl" --runs "$runs" --out "$out"; then
+        JSONS+=("$out")
+    else
+        note "bench.py run for $name ($wl) failed with status $?"
+        if [ -f "$out" ]; then JSONS+=("$out"); fi
+    fi
+    kill -0 "$PT_PID" 2>/dev/null || note "proxytap ($PT_LABEL) died during $name $wl (log: ${PT_LOG#"$ROOT"/})"
+}
+
+# one_pass SUFFIX EXPORT(0|1): A/B/C on one process, then D on a fresh process per kind and run
+one_pass() {
+    local sfx=$1 exp=$2 home="" label args=()
+    if [ "$exp" = 1 ]; then
+        home="$TMP/sftap-home"
+    fi
+    start_with() {  # start_with LABEL: proxytap (+ reader when export is on)
+        label=$1
+        args=()
+        if [ "$exp" = 1 ]; then
+            rm -rf "$home"
+            args=(--sftap-home "$home")
+        fi
+        start_proxytap "$label" "${args[@]}" || return 1
+        if [ "$exp" = 1 ]; then
+            if ! start_reader "$label" "$home"; then
+                stop_proxytap
+                return 1
+            fi
+            READERS+=("$OUT/reader-$label.json")
+        fi
+    }
+    stop_both() { stop_reader; stop_proxytap; }
+
+    local abc_http abc_socks
+    abc_http=$(strip_d "$http_wl")
+    abc_socks=$(strip_d "$socks_wl")
+    if [ -n "$abc_http$abc_socks" ]; then
+        start_with "abc$sfx" || return 1
+        if [ "$exp" = 0 ] && [[ $WORKLOADS == *A* ]]; then
+            KA_VERDICT=$("$PY3" "$SHARED/ka_check.py" "$HTTP_PORT" 2>&1 | tail -1) || true
+            log "ka_check: $KA_VERDICT"
+        fi
+        if [[ $abc_http == *A* ]]; then
+            probe "before A" "export $([ "$exp" = 1 ] && echo ON || echo OFF)"
+        fi
+        bench_one "proxytap-http$sfx" http "$HTTP_PORT" "$abc_http" "$RUNS" "$OUT/proxytap-http$sfx.json"
+        if [[ $abc_http == *A* ]]; then
+            probe "after A/B/C" "export $([ "$exp" = 1 ] && echo ON || echo OFF)"
+        fi
+        bench_one "proxytap-socks5$sfx" socks5 "$SOCKS_PORT" "$abc_socks" "$RUNS" "$OUT/proxytap-socks5$sfx.json"
+        stop_both
+    fi
+    if [[ $WORKLOADS == *D* ]]; then
+        local r kind port
+        for ((r = 1; r <= RUNS; r++)); do
+            for kind in http socks5; do
+                port=$HTTP_PORT
+                [ "$kind" = socks5 ] && port=$SOCKS_PORT
+                start_with "d-$kind-r$r$sfx" || return 1
+                sleep 1
+                bench_one "proxytap-$kind$sfx" "$kind" "$port" D 1 "$OUT/proxytap-$kind$sfx-D-r$r.json"
+                stop_both
+            done
+        done
+    fi
+}
+
+log "== proxytap, flow export OFF"
+one_pass "" 0 || note "proxytap export-OFF pass aborted: proxytap did not start (see bench/out/proxytap-*.log)"
+
+if [ "$EXPORT" = 1 ]; then
+    log "== proxytap, flow export ON (--sftap-home + reader on every flow socket)"
+    if ! one_pass "-export" 1; then
+        stop_reader
+        stop_proxytap
+        note "export ON skipped: proxytap with --sftap-home did not start or served no flow sockets; results are export OFF only"
+    fi
+fi
+
+# ------------------------------------------------------------------ peers
+if [ ${#PEER_LIST[@]} -gt 0 ]; then
+    while read -r name _ addr _; do
+        for p in "${PEER_LIST[@]}"; do
+            if [ "$p" = "$name" ]; then
+                port=${addr##*:}
+                PEER_PORTS+=("$port")
+                PEER_PRE[$port]="$(listen_pids "$port" | tr '\n' ' ')"
+            fi
+        done
+    done < <("${BENCH_PY[@]}" peers)
+    log "== peers: $PEERS, workloads $PEER_WORKLOADS, $RUNS run(s)"
+    if bg_wait "${BENCH_PY[@]}" suite --peers "$PEERS" --workloads "$PEER_WORKLOADS" \
+        --runs "$RUNS" --out "$OUT/peers.json"; then
+        :
+    else
+        note "bench.py suite (peers) failed with status $?"
+    fi
+    if [ -f "$OUT/peers.json" ]; then JSONS+=("$OUT/peers.json"); fi
+    failed=$("$PY3" -c 'import json,sys; print(",".join(json.load(open(sys.argv[1]))["meta"].get("failed_to_start", [])))' "$OUT/peers.json" 2>/dev/null || true)
+    if [ -n "$failed" ]; then note "peers that failed to start: $failed (logs: $PB_WORK/peer-*.log)"; fi
+fi
+
+# ------------------------------------------------------------------ report
+[ ${#JSONS[@]} -gt 0 ] || die "no results written"
+"$PY3" "$ROOT/bench/summarize.py" merge "$OUT/all.json" "${JSONS[@]}"
+# proxytap log lines above warning level that are not the expected start/stop chatter
+mapfile -t PT_ERRS < <(grep -hE 'Traceback|ERROR|CRITICAL|Exception|Error:' "$OUT"/proxytap-*.log 2>/dev/null |
+    sort | uniq -c | sort -rn | head -20)
+WARN_COUNT=$(cat "$OUT"/proxytap-*.log 2>/dev/null | grep -c WARNING || true)
+ELAPSED=$(($(date +%s) - T_START))
+READER_ARGS=()
+for r in "${READERS[@]}"; do
+    if [ -f "$r" ]; then READER_ARGS+=(--reader "$r"); fi
+done
+{
+    echo "# proxytap benchmark $(date '+%Y-%m-%d %H:%M:%S')"
+    echo
+    echo "Host: $(uname -r), $(nproc) CPUs. proxytap $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?')," \
+        "runs=$RUNS, workloads=$WORKLOADS, peers=${PEERS:-none}, wall time ${ELAPSED}s."
+    dirty=$(git -C "$ROOT" status --porcelain -- proxytap 2>/dev/null | wc -l)
+    if [ "$dirty" -gt 0 ]; then
+        echo "Working tree: $dirty uncommitted or untracked file(s) under proxytap/ were part of this run" \
+            "(note: proxytap imports some modules lazily, so edits made during the run can be picked up)."
+    fi
+    echo "proxytap settings: $CONF_NOTE."
+    echo "Bounds: PB_A_SECS=${PB_A_SECS:-10} PB_B_BYTES=${PB_B_BYTES:-1073741824} PB_C_SECS=${PB_C_SECS:-10} PB_D_COUNT=$D_COUNT."
+    echo
+    echo "Keep-alive routing check (ka_check.py, export OFF): $KA_VERDICT"
+    echo
+    if [ ${#PROBES[@]} -gt 0 ]; then
+        echo "Plain-HTTP keep-alive probe (bench/http_probe.py, 3 requests on one connection):"
+        echo
+        for p in "${PROBES[@]}"; do echo "* $p"; done
+        echo
+    fi
+    "$PY3" "$ROOT/bench/summarize.py" summary "$OUT/all.json" --d-count "$D_COUNT" \
+        "${READER_ARGS[@]}" || echo "(summarize.py failed)"
+    echo
+    echo "## proxytap problems seen"
+    echo
+    if [ ${#NOTES[@]} -eq 0 ] && [ ${#PT_ERRS[@]} -eq 0 ]; then
+        echo "None (no start failures, crashes, hangs, or error lines in bench/out/proxytap-*.log)."
+    fi
+    for n in "${NOTES[@]}"; do echo "* $n"; done
+    if [ ${#PT_ERRS[@]} -gt 0 ]; then
+        echo "* error lines in bench/out/proxytap-*.log (count, line):"
+        echo
+        echo '```'
+        printf '%s\n' "${PT_ERRS[@]}" | cut -c1-300
+        echo '```'
+    fi
+    echo
+    echo "proxytap WARNING lines across all its logs: $WARN_COUNT"
+    echo
+    echo "# bench.py report (all JSON of this run, merged into all.json)"
+    echo
+    "${BENCH_PY[@]}" report "$OUT/all.json" || echo "(bench.py report failed)"
+} >"$OUT/report.md"
+cat "$OUT/report.md"
+log "report: ${OUT#"$ROOT"/}/report.md (wall time ${ELAPSED}s)"
