@@ -59,6 +59,7 @@ class ClientConnection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
         self.refusal: tuple[str, str] | None = None  # (rule, reason) decided at accept
+        self.first_byte = -1
 
     # -- asyncio callbacks ----------------------------------------------------------
 
@@ -85,6 +86,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.socks is None and not self.http:
             kind = self.listener.kind
+            self.first_byte = data[0]
             is_socks = data[0] in SOCKS_VERSIONS
             if kind == "socks" or (kind == "mixed" and is_socks):
                 auth = self.services.auth is not None
@@ -310,6 +312,7 @@ class ClientConnection(asyncio.Protocol):
         def mismatch(hello: ClientHello) -> None:
             flow = relay.flow
             self.services.refused("sni-mismatch", tls.sni_mismatch)
+            self.services.stats.sni_mismatches += 1
             if tls.sni_mismatch != "allow":
                 log.warning(
                     "sni mismatch (%s): %s %s:%d asked for %s:%d, its ClientHello names %s",
@@ -327,9 +330,7 @@ class ClientConnection(asyncio.Protocol):
         services = self.services
         flow = relay.flow
         now = time.time()
-        if services.hub is not None:
-            services.hub.closed(flow, reason, now)
-        services.table.close_flow(flow, reason, now)
+        services.flow_closed(flow, reason, now)
         services.table.close_connection(flow.outer)
         services.live.discard(relay)
         log.info(
@@ -375,6 +376,7 @@ class ClientConnection(asyncio.Protocol):
     def _auth_failed(self, user: str | None) -> None:
         assert self.conn is not None
         self.services.refused("auth", "bad credentials")
+        self.services.stats.auth_failures += 1
         log.info("client %s:%d authentication failed (user %r)", *self.conn.client, user)
 
     def _deny(
@@ -406,6 +408,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _refuse(self, exc: ProtocolError) -> None:
         assert self.transport is not None
+        self.services.stats.protocol_errors["socks" if self.socks is not None else "http"] += 1
         if self.socks is not None:
             out = self.socks.data_to_send() + exc.reply
             if out:
@@ -437,6 +440,14 @@ class ClientConnection(asyncio.Protocol):
         self._close("handshake timeout", linger=True)
 
     def _handed_over(self) -> None:
+        if not self.done and self.conn is not None:
+            protocol = self.conn.protocol
+            if not protocol:
+                if self.socks is not None:
+                    protocol = "socks5" if self.first_byte == 5 else "socks4"
+                else:
+                    protocol = "http" if self.http else "unknown"
+            self.services.stats.downstream[(self.listener.name, protocol)] += 1
         self.done = True
         if self.timer is not None:
             self.timer.cancel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -12,7 +13,8 @@ from typing import Any, Protocol
 from proxytap.config import Config
 from proxytap.errors import Failure, UpstreamError
 from proxytap.export.hub import Hub
-from proxytap.flows.table import FlowTable
+from proxytap.flows.stats import Stats
+from proxytap.flows.table import CloseReason, Flow, FlowTable
 from proxytap.front.authn import Authenticator
 from proxytap.front.upstream import (
     AddrInfo,
@@ -70,15 +72,30 @@ class Services:
     clients: ClientAcl = field(init=False)
     destinations: DestinationPolicy = field(init=False)
     auth: Authenticator | None = field(init=False)
-    refusals: dict[tuple[str, str], int] = field(default_factory=dict)  # (rule, reason) -> count
+    stats: Stats = field(default_factory=Stats)
 
     def __post_init__(self) -> None:
         self.clients, self.destinations = build_policy(self.config.access)
         self.auth = Authenticator.from_config(self.config.auth)
 
+    @property
+    def refusals(self) -> dict[tuple[str, str], int]:
+        """(rule, reason) -> requests refused by policy, limits or authentication."""
+        return self.stats.refusals
+
     def refused(self, rule: str, reason: str) -> None:
-        key = (rule, reason)
-        self.refusals[key] = self.refusals.get(key, 0) + 1
+        self.stats.refusals[(rule, reason)] += 1
+
+    def flow_closed(self, flow: Flow, reason: CloseReason, now: float) -> None:
+        """The one place an inner flow ends: hub, flow table, counters."""
+        if self.hub is not None:
+            self.hub.closed(flow, reason, now)
+        self.table.close_flow(flow, reason, now)
+        stats = self.stats
+        stats.bytes_up += flow.bytes_up
+        stats.bytes_down += flow.bytes_down
+        stats.flows_closed[(flow.l7 or "unclassified", reason.value)] += 1
+        stats.flow_seconds.observe(now - flow.start)
 
     def admit(self, client_ip: str) -> tuple[str, str] | None:
         """(rule, reason) when a client connection just opened must be refused."""
@@ -100,7 +117,9 @@ class Services:
         """
         decision = self.destinations.check_name(host, port, user)
         if decision is not None and not decision.allowed:
-            raise UpstreamError(decision.failure or Failure.DENIED, f"rule {decision.rule}")
+            failure = decision.failure or Failure.DENIED
+            self.stats.connect_errors[failure.value] += 1
+            raise UpstreamError(failure, f"rule {decision.rule}")
         policy = self.destinations
 
         def check(addr: AddrInfo) -> tuple[Failure, str] | None:
@@ -110,13 +129,20 @@ class Services:
             return verdict.failure or Failure.PROHIBITED, f"rule {verdict.rule} ({addr[1][0]})"
 
         cfg = self.config
-        return await open_upstream(
-            host,
-            port,
-            resolver=self.resolver,
-            connector=self.connector,
-            timeout=cfg.timeouts.connect,
-            delay=cfg.upstream.happy_eyeballs_delay,
-            prefer=cfg.upstream.prefer,
-            check=check,
-        )
+        started = time.monotonic()
+        try:
+            sock = await open_upstream(
+                host,
+                port,
+                resolver=self.resolver,
+                connector=self.connector,
+                timeout=cfg.timeouts.connect,
+                delay=cfg.upstream.happy_eyeballs_delay,
+                prefer=cfg.upstream.prefer,
+                check=check,
+            )
+        except UpstreamError as exc:
+            self.stats.connect_errors[exc.failure.value] += 1
+            raise
+        self.stats.connect_seconds.observe(time.monotonic() - started)
+        return sock

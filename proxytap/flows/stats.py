@@ -1,0 +1,66 @@
+"""Counters the proxy keeps as plain numbers; ``proxytap.metrics`` exports them.
+
+The hot path only does ``+=`` on ints and dicts here (no locks, no label
+lookups); the Prometheus collector reads everything at scrape time, together
+with what the flow table, the hub and the sinks already count.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+
+# seconds; connects on a LAN take < 1 ms, across the internet 10-300 ms
+CONNECT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# seconds; flows live from milliseconds (an API call) to hours (a websocket)
+FLOW_BUCKETS = (0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0)
+
+
+class Buckets:
+    """A cumulative-on-export histogram: per-bucket counts, sum, count."""
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out = []
+        total = 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += n
+            out.append(("+Inf" if bound == float("inf") else repr(bound), total))
+        return out
+
+
+class Stats:
+    """Everything counted outside the flow table, hub and sinks."""
+
+    def __init__(self) -> None:
+        # (listener, protocol) -> client connections accepted (downstream)
+        self.downstream: Counter[tuple[str, str]] = Counter()
+        # upstream connects
+        self.connect_seconds = Buckets(CONNECT_BUCKETS)
+        self.connect_errors: Counter[str] = Counter()  # Proxy-Status error type
+        # bytes of finished flows (live flows are added at scrape time)
+        self.bytes_up = 0
+        self.bytes_down = 0
+        # finished inner flows: (l7 class, close reason) -> count
+        self.flows_closed: Counter[tuple[str, str]] = Counter()
+        self.flow_seconds = Buckets(FLOW_BUCKETS)
+        # plain-HTTP responses by status class ("2xx") and by who answered
+        self.http_responses: Counter[tuple[str, str]] = Counter()  # (class, "origin"|"proxy")
+        # handshake-level protocol errors by protocol
+        self.protocol_errors: Counter[str] = Counter()
+        # (rule, reason) -> refused requests (policy, limits, auth)
+        self.refusals: Counter[tuple[str, str]] = Counter()
+        self.auth_failures = 0
+        self.sni_mismatches = 0
