@@ -1,8 +1,10 @@
 """Composition root: builds the hub and sinks, starts listeners, shuts down in order.
 
 Start: export sinks first (so the first flow already has its analyzers), then
-listeners. Stop: listeners stop accepting, open tunnels drain for the grace
-period, whatever is left is closed, then sinks flush and close.
+the admin server (its /readyz says 503 until the listeners are bound), then
+listeners. Stop: readiness drops, listeners stop accepting, open tunnels drain
+for the grace period, whatever is left is closed, then sinks flush and close,
+and the admin server goes last (metrics stay scrapeable while draining).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import signal
 import time
 from typing import Any
 
+from proxytap.admin import AdminServer
 from proxytap.config import Config
 from proxytap.export.hub import Hub
 from proxytap.front.listener import bound_addresses, start_listener
@@ -41,6 +44,9 @@ class App:
             self.services.connector = connector
         self.servers: dict[str, asyncio.Server] = {}
         self.sinks: list[Any] = []
+        self.admin: AdminServer | None = None
+        self.started_at = time.time()
+        self.ready = False  # every listener bound, not draining (/readyz)
         self.stopped = asyncio.Event()
 
     def addresses(self, name: str) -> list[tuple[str, int]]:
@@ -62,12 +68,28 @@ class App:
             await writer.start()
             self.hub.subscribe(writer)
             self.sinks.append(writer)
+        if self.config.log.flows:
+            from proxytap.export.jsonlog import JsonFlowLog
+
+            flowlog = JsonFlowLog.from_config(self.config.log)
+            try:
+                await flowlog.start()
+            except OSError:
+                await self.stop(0)
+                raise
+            self.hub.subscribe(flowlog)
+            self.sinks.append(flowlog)
         try:
+            admin = self.config.admin
+            if admin.enabled:
+                self.admin = AdminServer(self, admin.host, admin.port, token=admin.token)
+                await self.admin.start()
             for listener in self.config.listeners:
                 self.servers[listener.name] = await start_listener(self.services, listener)
         except OSError:
             await self.stop(0)
             raise
+        self.ready = True
         for listener in self.config.listeners:
             for host, port in self.addresses(listener.name):
                 log.info("listening: %s %s on %s:%d", listener.name, listener.kind, host, port)
@@ -76,6 +98,7 @@ class App:
         if grace is None:
             grace = self.config.timeouts.shutdown_grace
         services = self.services
+        self.ready = False
         services.draining = True
         for server in self.servers.values():
             server.close()
@@ -94,7 +117,17 @@ class App:
         for sink in self.sinks:
             self.hub.unsubscribe(sink)
             await sink.stop()
+        if self.admin is not None:
+            await self.admin.stop()
         self.stopped.set()
+
+    def reopen_logs(self) -> None:
+        """SIGHUP: sinks writing files (the JSON flow log) reopen them, for logrotate."""
+        for sink in self.sinks:
+            reopen = getattr(sink, "reopen", None)
+            if reopen is not None:
+                reopen()
+        log.info("reopening log files")
 
 
 async def serve(config: Config) -> int:
@@ -109,6 +142,7 @@ async def serve(config: Config) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, app.reopen_logs)
     log.info("proxytap ready")
     await stop.wait()
     log.info("shutting down: draining for up to %.1fs", config.timeouts.shutdown_grace)

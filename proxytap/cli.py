@@ -1,4 +1,4 @@
-"""Command line: ``proxytap run | check-config | tap``."""
+"""Command line: ``proxytap run | check-config | tap | flows``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,14 @@ import sys
 from collections.abc import Sequence
 
 from proxytap import __version__
-from proxytap.config import Config, ListenerConfig, load, parse_hostport
+from proxytap.config import (
+    ADMIN_OFF,
+    DEFAULT_ADMIN,
+    Config,
+    ListenerConfig,
+    load,
+    parse_hostport,
+)
 from proxytap.errors import ConfigError
 
 DESCRIPTION = """\
@@ -27,7 +34,10 @@ examples:
   proxytap run --allow-dest 10.0.0.0/8 --connect-ports 443,8443 --htpasswd /etc/proxytap/users
   proxytap run --config /etc/proxytap/proxytap.toml
   proxytap check-config deploy/proxytap.example.toml
+  proxytap run --admin 127.0.0.1:9091 --log-flows /var/log/proxytap/flows.json
   proxytap tap /tmp/sf-tap/tcp/http --hexdump
+  proxytap flows --once                         the live flow table, from the admin API
+  proxytap flows --stats                        one line of totals and rates every 2 s
 """
 
 
@@ -61,6 +71,12 @@ def _hostport(text: str) -> str:
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(exc.problem) from None
     return text
+
+
+def _admin_address(text: str) -> str:
+    if text == ADMIN_OFF:
+        return text
+    return _hostport(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,12 +125,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", choices=["debug", "info", "warning", "error"], help="default: info"
     )
     run.add_argument("--log-format", choices=["text", "json"], help="default: text")
+    run.add_argument(
+        "--admin",
+        metavar="HOST:PORT",
+        type=_admin_address,
+        help=f"admin HTTP server (/metrics, /healthz, /readyz, /flows, ...) or 'off' "
+        f"(default: {DEFAULT_ADMIN})",
+    )
+    run.add_argument(
+        "--admin-token",
+        metavar="TOKEN",
+        help="require 'Authorization: Bearer TOKEN' on the admin API (not on /healthz, /readyz)",
+    )
+    run.add_argument(
+        "--log-flows",
+        metavar="PATH",
+        help="append one JSON object per finished flow to PATH (reopened on SIGHUP)",
+    )
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file")
 
     tap = sub.add_parser("tap", help="print the events of an SF-TAP flow socket", add_help=False)
     tap.add_argument("rest", nargs=argparse.REMAINDER)
+    flows = sub.add_parser(
+        "flows", help="show the live flow table or running totals (admin API)", add_help=False
+    )
+    flows.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -151,7 +188,16 @@ def config_from_args(args: argparse.Namespace) -> Config:
         log = dataclasses.replace(log, level=args.log_level)
     if args.log_format:
         log = dataclasses.replace(log, format=args.log_format)
-    return dataclasses.replace(cfg, log=log).validate()
+    if args.log_flows:
+        log = dataclasses.replace(log, flows=args.log_flows)
+    admin = cfg.admin
+    if args.admin:
+        admin = dataclasses.replace(admin, address=args.admin)
+    elif admin.address is None:
+        admin = dataclasses.replace(admin, address=DEFAULT_ADMIN)
+    if args.admin_token:
+        admin = dataclasses.replace(admin, token=args.admin_token)
+    return dataclasses.replace(cfg, log=log, admin=admin).validate()
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -184,6 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from proxytap.export.tapcli import main as tap_main
 
         return tap_main(argv[1:])
+    if argv[:1] == ["flows"]:
+        from proxytap.flowscli import main as flows_main
+
+        return flows_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "run":
         return _run(args)

@@ -160,12 +160,66 @@ class ExportConfig:
 class LogConfig:
     level: str = "info"
     format: str = "text"
+    # JSON flow log: one Zeek conn.log-style object per line when an inner flow ends
+    flows: str | None = None
+    flows_max_bytes: int = 0  # rotate the flow log past this size; 0: never (use logrotate)
+    flows_backups: int = 5  # rotated files kept: PATH.1 .. PATH.N
+    flows_buffer: int = 4 << 20  # bytes of records waiting for the disk before records drop
 
     def validate(self, key: str) -> None:
         if self.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"{key}.level", "must be debug, info, warning, error or critical")
         if self.format not in ("text", "json"):
             raise ConfigError(f"{key}.format", "must be text or json")
+        if self.flows is not None and not self.flows:
+            raise ConfigError(f"{key}.flows", "must be a file path")
+        if self.flows_max_bytes < 0:
+            raise ConfigError(f"{key}.flows_max_bytes", "must be >= 0 (0: no rotation)")
+        if self.flows_backups < 1:
+            raise ConfigError(f"{key}.flows_backups", "must be >= 1")
+        if self.flows_buffer <= 0:
+            raise ConfigError(f"{key}.flows_buffer", "must be > 0")
+
+
+ADMIN_OFF = "off"
+DEFAULT_ADMIN = "127.0.0.1:9090"
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """The admin HTTP server: /metrics, /healthz, /readyz, /flows, /subscribers, /stats.
+
+    ``address`` is ``HOST:PORT`` or ``"off"``. Unset, ``proxytap run`` uses
+    ``DEFAULT_ADMIN`` (loopback); an ``App`` built in-process without it runs
+    no admin server. ``token``: every endpoint but /healthz and /readyz then
+    needs ``Authorization: Bearer <token>``.
+    """
+
+    address: str | None = None
+    token: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.address is not None and self.address != ADMIN_OFF
+
+    @property
+    def host(self) -> str:
+        assert self.address is not None
+        return parse_hostport(self.address, "admin.address")[0]
+
+    @property
+    def port(self) -> int:
+        assert self.address is not None
+        return parse_hostport(self.address, "admin.address")[1]
+
+    def validate(self, key: str) -> None:
+        if self.enabled:
+            assert self.address is not None
+            parse_hostport(self.address, f"{key}.address")
+        if self.token is not None and (
+            not self.token or any(c.isspace() or not c.isprintable() for c in self.token)
+        ):
+            raise ConfigError(f"{key}.token", "must be a non-empty string without spaces")
 
 
 DEFAULT_LISTENERS = (
@@ -182,6 +236,7 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     export: ExportConfig = ExportConfig()
     log: LogConfig = LogConfig()
+    admin: AdminConfig = AdminConfig()
     access: AccessConfig = field(default_factory=AccessConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsCheckConfig = TlsCheckConfig()
@@ -201,6 +256,7 @@ class Config:
         self.limits.validate("limits")
         self.export.validate("export")
         self.log.validate("log")
+        self.admin.validate("admin")
         self.access.validate("access")
         self.auth.validate("auth")
         self.tls.validate("tls")

@@ -180,6 +180,9 @@ class Loopback7Writer:
         self.last_error: str | None = None
         self.events_sent = 0
         self.bytes_sent = 0
+        # CREATED / DESTROYED events written; DATA = events_sent - both
+        self.created_sent = 0
+        self.destroyed_sent = 0
         self.drops: dict[str, int] = {}
         self.dropped_bytes: dict[str, int] = {}
 
@@ -313,6 +316,7 @@ class Loopback7Writer:
             self._flows[flow.id] = _Sent(key, client_is_1, self._gen, self.vlan)
             return
         if self._control(encode_created(key, flow.start, vlan=self.vlan)):
+            self.created_sent += 1
             self._flows[flow.id] = _Sent(key, client_is_1, self._gen, self.vlan)
         else:
             lost = _NOT_CONNECTED if self._transport is None else _BUFFER_FULL
@@ -361,7 +365,8 @@ class Loopback7Writer:
             self._drop(BUFFER_FULL, len(body))
             if self.cut and flow.l4 == "tcp":
                 self._flows[flow.id] = _BUFFER_FULL
-                self._control(encode_destroyed(st.key, "COMPROMISED", now, vlan=self.vlan))
+                if self._control(encode_destroyed(st.key, "COMPROMISED", now, vlan=self.vlan)):
+                    self.destroyed_sent += 1
             return False
         msg = data_message(st.up_head if direction == UP else st.down_head, body, now)
         t.write(msg)  # header and body in one write (spec 4.4)
@@ -376,7 +381,9 @@ class Loopback7Writer:
         if st.gen != self._gen or self._transport is None:
             self._drop(NOT_CONNECTED, 0)
             return
-        if not self._control(encode_destroyed(st.key, REASONS[reason], now, vlan=self.vlan)):
+        if self._control(encode_destroyed(st.key, REASONS[reason], now, vlan=self.vlan)):
+            self.destroyed_sent += 1
+        else:
             self._drop(NOT_CONNECTED if self._transport is None else OVERFLOW, 0)
 
     def datagram(

@@ -123,6 +123,7 @@ class Reader(asyncio.Protocol):
         self.bytes_sent = 0
         self.bytes_dropped = 0
         self.drops: dict[str, int] = {}
+        self.dropped_bytes: dict[str, int] = {}  # payload bytes by drop reason
 
     # -- asyncio callbacks -----------------------------------------------------
 
@@ -167,6 +168,8 @@ class Reader(asyncio.Protocol):
     def _drop(self, reason: str, payload: int) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
         self.bytes_dropped += payload
+        if payload:
+            self.dropped_bytes[reason] = self.dropped_bytes.get(reason, 0) + payload
 
     def send_data(self, msg: bytes, payload: int) -> bool:
         """Write one DATA event unless the reader is gone or its buffer is full."""
@@ -294,6 +297,9 @@ class SftapServer:
         self.readers_overflowed = 0
         self.flows_exported = 0
         self.flows_unheard = 0
+        # CREATED / DESTROYED events written (to all readers); DATA = events_sent - both
+        self.created_sent = 0
+        self.destroyed_sent = 0
 
     @classmethod
     def from_config(cls, exp: ExportConfig, classifier: Classifier) -> SftapServer:
@@ -396,6 +402,8 @@ class SftapServer:
                 acc.bytes_dropped += r.bytes_dropped
                 for k, v in r.drops.items():
                     acc.drops[k] = acc.drops.get(k, 0) + v
+                for k, v in r.dropped_bytes.items():
+                    acc.dropped_bytes[k] = acc.dropped_bytes.get(k, 0) + v
             self._retired = [acc]
 
     @property
@@ -423,6 +431,15 @@ class SftapServer:
         out: dict[str, int] = {}
         for r in self._all():
             for k, v in r.drops.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    @property
+    def dropped_bytes(self) -> dict[str, int]:
+        """DATA payload bytes dropped, by reason."""
+        out: dict[str, int] = {}
+        for r in self._all():
+            for k, v in r.dropped_bytes.items():
                 out[k] = out.get(k, 0) + v
         return out
 
@@ -461,6 +478,7 @@ class SftapServer:
             readers = [r for r in iface.readers if r.send_control(msg)]
             if not readers:
                 return
+            self.created_sent += len(readers)
             for r in readers:
                 r.flows += 1
         else:
@@ -492,6 +510,7 @@ class SftapServer:
         for r in st.readers:
             if r.send_control(msg):
                 r.flows -= 1
+                self.destroyed_sent += 1
 
     def datagram(
         self, src: Endpoint, dst: Endpoint, data: bytes, now: float, *, hop: int = 0
@@ -560,7 +579,8 @@ class SftapServer:
             for r in cut:
                 r._drop(CUT, 0)
                 r.flows -= 1
-                r.send_control(msg)
+                if r.send_control(msg):
+                    self.destroyed_sent += 1
         st.readers = keep
         if not keep:
             del self._flows[flow_id]

@@ -1,0 +1,279 @@
+"""The JSON flow log: one Zeek ``conn.log``-style object per line when an inner flow ends.
+
+A hub subscriber. ``flow_destroyed`` formats the record and appends it to an
+in-memory buffer; a background task hands whatever has accumulated to a worker
+thread that writes it, so the event loop never waits for the disk. The buffer
+is bounded (``buffer_limit`` bytes): past it, records are dropped and counted
+(``buffer_full``). A failed write loses its batch, is counted
+(``write_error``) and logged once per failure streak; nothing is ever raised
+into the hub.
+
+Fields (Zeek names where Zeek has one):
+
+``ts`` flow start (epoch seconds), ``uid`` the inner flow's uid, ``id.orig_h`` /
+``id.orig_p`` the true client, ``id.resp_h`` / ``id.resp_p`` the address the
+proxy actually connected to (the resolved address), ``proto``, ``service`` (the
+L7 class), ``duration``, ``orig_bytes`` / ``resp_bytes`` (payload client to
+server / server to client), ``tunnel_parents`` (the outer connection's uid,
+as Zeek links a tunnelled connection to its tunnel), and proxytap's own:
+``outer_uid`` (same uid, for joins), ``tunnel`` (http-connect, http-forward,
+socks4, socks4a, socks5), ``listener``, ``proxy_h`` / ``proxy_p`` (the
+listener address the client connected to), ``requested_host`` /
+``requested_port`` (what the client asked for, before resolution), ``sni``,
+``alpn``, ``http_host``, ``user``, ``close_reason`` (normal, reset, timeout,
+error), ``decrypted``, ``orig_chunks`` / ``resp_chunks``.
+
+Rotation: ``reopen()`` (SIGHUP, after logrotate moved the file) closes and
+reopens the path; with ``max_bytes`` the log rotates itself to ``PATH.1`` ..
+``PATH.<backups>`` before a write would take it past ``max_bytes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from typing import TYPE_CHECKING, BinaryIO
+
+from proxytap.flows.table import CloseReason, Flow
+
+if TYPE_CHECKING:
+    from proxytap.config import LogConfig
+
+log = logging.getLogger(__name__)
+
+WRITE_ERROR = "write_error"
+BUFFER_FULL = "buffer_full"
+
+
+def flow_record(flow: Flow, reason: CloseReason, now: float) -> dict[str, object]:
+    """The log record of a finished inner flow (a plain dict, JSON-ready)."""
+    outer = flow.outer
+    return {
+        "ts": round(flow.start, 6),
+        "uid": flow.uid,
+        "id.orig_h": flow.client[0],
+        "id.orig_p": flow.client[1],
+        "id.resp_h": flow.server[0],
+        "id.resp_p": flow.server[1],
+        "proto": flow.l4,
+        "service": flow.l7,
+        "duration": round(max(0.0, now - flow.start), 6),
+        "orig_bytes": flow.bytes_up,
+        "resp_bytes": flow.bytes_down,
+        "orig_chunks": flow.chunks_up,
+        "resp_chunks": flow.chunks_down,
+        "tunnel_parents": [outer.uid],
+        "outer_uid": outer.uid,
+        "tunnel": outer.protocol,
+        "listener": outer.listener,
+        "proxy_h": outer.local[0],
+        "proxy_p": outer.local[1],
+        "requested_host": flow.requested_host,
+        "requested_port": flow.requested_port,
+        "sni": flow.sni,
+        "alpn": flow.alpn,
+        "http_host": flow.http_host,
+        "user": outer.user,
+        "close_reason": reason.value,
+        "decrypted": flow.decrypted,
+    }
+
+
+class JsonFlowLog:
+    """A hub subscriber appending one JSON line per finished flow to ``path``.
+
+    Stats: ``records`` (lines written), ``bytes_written``, ``drops`` and
+    ``dropped_bytes`` by reason, ``buffered`` (bytes waiting), ``reopens``,
+    ``rotations``.
+    """
+
+    name: str
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        name: str = "flowlog",
+        max_bytes: int = 0,
+        backups: int = 5,
+        buffer_limit: int = 4 << 20,
+    ) -> None:
+        self.name = name
+        self.path = os.fspath(path)
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.buffer_limit = buffer_limit
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._fh: BinaryIO | None = None
+        self._size = 0
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._reopen = False
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+        self.records = 0
+        self.bytes_written = 0
+        self.reopens = 0
+        self.rotations = 0
+        self.drops: dict[str, int] = {}
+        self.dropped_bytes: dict[str, int] = {}
+        self.last_error: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg: LogConfig) -> JsonFlowLog:
+        assert cfg.flows is not None
+        return cls(
+            cfg.flows,
+            max_bytes=cfg.flows_max_bytes,
+            backups=cfg.flows_backups,
+            buffer_limit=cfg.flows_buffer,
+        )
+
+    # -- stats -------------------------------------------------------------------
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of records not yet written."""
+        return self._pending_bytes
+
+    @property
+    def is_open(self) -> bool:
+        return self._fh is not None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the file (an unwritable path stops start-up) and start the writer."""
+        self._open()
+        self._stopping = False
+        self._task = asyncio.create_task(self._run(), name=f"{self.name}-writer")
+
+    async def stop(self) -> None:
+        """Write what is buffered, then close the file."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._close()
+
+    def reopen(self) -> None:
+        """Close and reopen the path before the next write (SIGHUP after logrotate)."""
+        self._reopen = True
+        self._wake.set()
+
+    async def flush(self) -> None:
+        """Wait until every record handed over so far is written (or counted as lost)."""
+        while self._pending or not self._idle.is_set():
+            self._wake.set()
+            await asyncio.sleep(0.005)
+
+    # -- the hub's calls -----------------------------------------------------------
+
+    def flow_created(self, flow: Flow, now: float) -> None:
+        pass
+
+    def flow_data(self, flow: Flow, direction: int, data: bytes, now: float) -> None:
+        pass
+
+    def flow_destroyed(self, flow: Flow, reason: CloseReason, now: float) -> None:
+        line = json.dumps(flow_record(flow, reason, now), separators=(",", ":")).encode() + b"\n"
+        if self._pending_bytes + len(line) > self.buffer_limit:
+            self._drop(BUFFER_FULL, 1, len(line))
+            return
+        self._pending.append(line)
+        self._pending_bytes += len(line)
+        self._wake.set()
+
+    # -- writing -----------------------------------------------------------------
+
+    def _drop(self, reason: str, records: int, size: int) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + records
+        self.dropped_bytes[reason] = self.dropped_bytes.get(reason, 0) + size
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            reopen, self._reopen = self._reopen, False
+            batch = self._pending
+            if not batch and not reopen:
+                if self._stopping:
+                    return
+                continue
+            self._pending = []
+            self._pending_bytes = 0
+            self._idle.clear()
+            try:
+                error = await asyncio.to_thread(self._write, batch, reopen)
+            finally:
+                self._idle.set()
+            if reopen:
+                self.reopens += 1
+            size = sum(len(b) for b in batch)
+            if error is None:
+                self.records += len(batch)
+                self.bytes_written += size
+                if self._failing:
+                    log.info("flow log %s: writing again", self.path)
+                self._failing = False
+            else:
+                if batch:
+                    self._drop(WRITE_ERROR, len(batch), size)
+                self.last_error = error
+                if not self._failing:
+                    log.error("flow log %s: %s; records are lost until it works", self.path, error)
+                self._failing = True
+            if self._stopping and not self._pending:
+                return
+
+    def _write(self, batch: list[bytes], reopen: bool) -> str | None:
+        """In the worker thread: reopen or rotate if due, then write ``batch``."""
+        try:
+            if reopen or self._fh is None:
+                self._close()
+                self._open()
+            data = b"".join(batch)
+            if self.max_bytes and self._size and self._size + len(data) > self.max_bytes:
+                self._rotate()
+            fh = self._fh
+            assert fh is not None
+            fh.write(data)
+            fh.flush()
+            self._size += len(data)
+        except (OSError, ValueError) as exc:
+            self._close()
+            return str(exc)
+        return None
+
+    def _open(self) -> None:
+        fh = open(self.path, "ab")  # noqa: SIM115 - kept open across writes
+        self._fh = fh
+        self._size = os.fstat(fh.fileno()).st_size
+
+    def _close(self) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            with contextlib.suppress(OSError):
+                fh.close()
+
+    def _rotate(self) -> None:
+        """PATH -> PATH.1 -> ... -> PATH.<backups> (the oldest is removed)."""
+        self._close()
+        for i in range(self.backups - 1, 0, -1):
+            src = f"{self.path}.{i}"
+            if os.path.exists(src):
+                os.replace(src, f"{self.path}.{i + 1}")
+        os.replace(self.path, f"{self.path}.1")
+        self.rotations += 1
+        self._open()
+
+
+__all__ = ["JsonFlowLog", "flow_record"]

@@ -1,0 +1,400 @@
+"""Prometheus metrics: one collector that reads the proxy's own counters at scrape time.
+
+The hot path only increments plain ints and dicts (``Stats``, the flow
+table's per-flow counters, each sink's stats); ``ProxytapCollector.collect``
+turns them into metric families when Prometheus scrapes, so relaying pays
+nothing for metrics. Register it on an injected ``CollectorRegistry``
+(``register``); the admin server serves that registry at ``/metrics``.
+
+Names follow Prometheus conventions (``proxytap_`` prefix, ``_total`` for
+counters, ``_bytes`` / ``_seconds`` units) and split as Envoy and HAProxy do:
+``downstream`` is client to proxy, ``upstream`` is proxy to destination.
+``METRICS`` lists every family with its type and help text; label sets that
+are known up front (listener x protocol, error reasons, status classes, sink
+event types and drop reasons) are exported at 0 so rates and alerts work
+from the first scrape.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from proxytap import __version__
+from proxytap.errors import Failure
+from proxytap.flows.stats import Buckets
+
+if TYPE_CHECKING:
+    from proxytap.app import App
+
+# Client protocols a listener kind can speak (label values of ``protocol``).
+PROTOCOLS = {
+    "http": ("http-connect", "http-forward"),
+    "socks": ("socks4", "socks4a", "socks5"),
+    "mixed": ("http-connect", "http-forward", "socks4", "socks4a", "socks5"),
+}
+HANDSHAKE = "handshake"  # an open client connection whose protocol is not known yet
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+RESPONDERS = ("origin", "proxy")
+EVENT_TYPES = ("created", "data", "destroyed")
+UNCLASSIFIED = "unclassified"
+
+# name -> (type, help); the one list of what /metrics exposes (besides process_*)
+METRICS: dict[str, tuple[str, str]] = {
+    "proxytap_info": ("info", "proxytap version"),
+    "proxytap_start_time_seconds": ("gauge", "Unix time the proxy started"),
+    "proxytap_ready": ("gauge", "1 while every listener is bound and not draining"),
+    "proxytap_downstream_connections_total": (
+        "counter",
+        "Client connections accepted, by listener and client protocol",
+    ),
+    "proxytap_downstream_connections_active": (
+        "gauge",
+        "Client connections open now, by listener and client protocol (handshake: not known yet)",
+    ),
+    "proxytap_downstream_connections_limit": (
+        "gauge",
+        "limits.max_connections (0: no limit)",
+    ),
+    "proxytap_downstream_rejections_total": (
+        "counter",
+        "Client requests refused by policy, limits or authentication, by rule and reason",
+    ),
+    "proxytap_downstream_auth_failures_total": (
+        "counter",
+        "Failed proxy authentications (wrong user name or password)",
+    ),
+    "proxytap_downstream_protocol_errors_total": (
+        "counter",
+        "Handshakes that broke their protocol, by protocol family",
+    ),
+    "proxytap_downstream_sni_mismatches_total": (
+        "counter",
+        "Tunnels whose TLS ClientHello named another host than the request",
+    ),
+    "proxytap_downstream_http_requests_total": (
+        "counter",
+        "Plain-HTTP requests answered, by status class and by who answered (origin or proxy)",
+    ),
+    "proxytap_upstream_connect_duration_seconds": (
+        "histogram",
+        "Time to resolve and connect to a destination (successful connects)",
+    ),
+    "proxytap_upstream_connect_errors_total": (
+        "counter",
+        "Failed or refused upstream connects, by Proxy-Status error type",
+    ),
+    "proxytap_upstream_connections_active": (
+        "gauge",
+        "Upstream connections open now (one per inner flow), by client protocol",
+    ),
+    "proxytap_relayed_bytes_total": (
+        "counter",
+        "Payload bytes relayed; direction=upstream: client to destination, "
+        "downstream: destination to client",
+    ),
+    "proxytap_flows_total": ("counter", "Inner flows classified, by L7 class"),
+    "proxytap_flows_active": ("gauge", "Inner flows open now, by L7 class"),
+    "proxytap_flows_closed_total": ("counter", "Inner flows ended, by L7 class and close reason"),
+    "proxytap_flow_duration_seconds": ("histogram", "Lifetime of ended inner flows"),
+    "proxytap_export_events_total": (
+        "counter",
+        "Events written to export consumers, by sink and event type",
+    ),
+    "proxytap_export_sent_bytes_total": ("counter", "Bytes written to export consumers, by sink"),
+    "proxytap_export_dropped_events_total": (
+        "counter",
+        "Export events dropped (never proxied data), by sink and reason",
+    ),
+    "proxytap_export_dropped_bytes_total": (
+        "counter",
+        "Payload bytes of dropped export events, by sink and reason",
+    ),
+    "proxytap_export_subscribers": (
+        "gauge",
+        "Export consumers connected now (flow-socket readers, loopback7 link, open flow log)",
+    ),
+    "proxytap_export_buffered_bytes": ("gauge", "Bytes waiting in export buffers, by sink"),
+    "proxytap_export_flows_active": ("gauge", "Flows currently exported, by sink"),
+    "proxytap_export_subscriber_errors_total": (
+        "counter",
+        "Exceptions raised by export subscribers (contained by the hub)",
+    ),
+    "proxytap_loopback7_link_up": ("gauge", "1 while connected to the abstractor's loopback7"),
+    "proxytap_loopback7_reconnects_total": (
+        "counter",
+        "Connections to loopback7 after the first",
+    ),
+    "proxytap_loopback7_connect_failures_total": (
+        "counter",
+        "Failed attempts to connect to loopback7",
+    ),
+}
+
+# Drop reasons each sink kind can report (exported at 0).
+_DROP_REASONS = {
+    "sftap": ("buffer_full", "overflow", "cut"),
+    "loopback7": ("not_connected", "buffer_full", "overflow", "oversize"),
+    "flowlog": ("buffer_full", "write_error"),
+}
+
+
+def status_class(status: int) -> str:
+    """``"2xx"`` for 200..299 (the label value of ``code_class``)."""
+    return f"{status // 100}xx"
+
+
+def sink_kind(sink: object) -> str:
+    """``sftap``, ``loopback7``, ``flowlog`` or ``other`` (duck-typed by class)."""
+    from proxytap.export.jsonlog import JsonFlowLog
+    from proxytap.export.loopback7 import Loopback7Writer
+    from proxytap.export.sftap_server import SftapServer
+
+    if isinstance(sink, SftapServer):
+        return "sftap"
+    if isinstance(sink, Loopback7Writer):
+        return "loopback7"
+    if isinstance(sink, JsonFlowLog):
+        return "flowlog"
+    return "other"
+
+
+class SinkStats:
+    """One sink's numbers in a common shape (read from its own attributes)."""
+
+    __slots__ = (
+        "buffered",
+        "bytes_sent",
+        "dropped_bytes",
+        "drops",
+        "events",
+        "flows",
+        "kind",
+        "name",
+        "subscribers",
+    )
+
+    def __init__(self, sink: Any) -> None:
+        self.name: str = str(getattr(sink, "name", type(sink).__name__))
+        self.kind = kind = sink_kind(sink)
+        self.events: dict[str, int] = {}
+        self.drops: dict[str, int] = dict.fromkeys(_DROP_REASONS.get(kind, ()), 0)
+        self.dropped_bytes: dict[str, int] = dict(self.drops)
+        self.bytes_sent = 0
+        self.buffered = 0
+        self.subscribers = 0
+        self.flows = 0
+        if kind in ("sftap", "loopback7"):
+            created, destroyed = sink.created_sent, sink.destroyed_sent
+            self.events = {
+                "created": created,
+                "data": sink.events_sent - created - destroyed,
+                "destroyed": destroyed,
+            }
+            self.bytes_sent = sink.bytes_sent
+            self.drops.update(sink.drops)
+            self.dropped_bytes.update(sink.dropped_bytes)
+            self.flows = sink.flows
+            if kind == "sftap":
+                readers = sink.readers
+                self.subscribers = len(readers)
+                self.buffered = sum(r.buffered for r in readers)
+            else:
+                self.subscribers = int(sink.link_up)
+                self.buffered = sink.buffered
+        elif kind == "flowlog":
+            self.events = {"flow": sink.records}
+            self.bytes_sent = sink.bytes_written
+            self.drops.update(sink.drops)
+            self.dropped_bytes.update(sink.dropped_bytes)
+            self.subscribers = int(sink.is_open)
+            self.buffered = sink.buffered
+
+
+def _histogram(name: str, buckets: Buckets) -> HistogramMetricFamily:
+    return HistogramMetricFamily(
+        name,
+        METRICS[name][1],
+        buckets=[(le, float(n)) for le, n in buckets.cumulative()],
+        sum_value=buckets.sum,
+    )
+
+
+def _counter(name: str, labels: Iterable[str] = ()) -> CounterMetricFamily:
+    return CounterMetricFamily(name, METRICS[name][1], labels=list(labels))
+
+
+def _gauge(name: str, labels: Iterable[str] = ()) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, METRICS[name][1], labels=list(labels))
+
+
+def _fill(family: CounterMetricFamily | GaugeMetricFamily, values: Mapping[Any, float]) -> None:
+    for key, value in sorted(values.items()):
+        labels = list(key) if isinstance(key, tuple) else [key]
+        family.add_metric(labels, float(value))
+
+
+class ProxytapCollector(Collector):
+    """Reads ``Stats``, the flow table, the hub and the sinks of ``app`` when scraped."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[Metric]:
+        app = self.app
+        services = app.services
+        stats = services.stats
+        table = services.table
+        cfg = app.config
+
+        info = InfoMetricFamily("proxytap", METRICS["proxytap_info"][1])
+        info.add_metric([], {"version": __version__})
+        yield info
+        yield GaugeMetricFamily(
+            "proxytap_start_time_seconds",
+            METRICS["proxytap_start_time_seconds"][1],
+            value=app.started_at,
+        )
+        yield GaugeMetricFamily(
+            "proxytap_ready", METRICS["proxytap_ready"][1], value=float(app.ready)
+        )
+
+        # -- downstream ---------------------------------------------------------------
+        known: Counter[tuple[str, str]] = Counter()
+        for lst in cfg.listeners:
+            for proto in PROTOCOLS.get(lst.kind, ()):
+                known[(lst.name, proto)] = 0
+        totals = known.copy()
+        totals.update(stats.downstream)
+        family = _counter("proxytap_downstream_connections_total", ("listener", "protocol"))
+        _fill(family, totals)
+        yield family
+        active = known.copy()
+        for conn in list(table.connections.values()):
+            active[(conn.listener, conn.protocol or HANDSHAKE)] += 1
+        gauge = _gauge("proxytap_downstream_connections_active", ("listener", "protocol"))
+        _fill(gauge, active)
+        yield gauge
+        yield GaugeMetricFamily(
+            "proxytap_downstream_connections_limit",
+            METRICS["proxytap_downstream_connections_limit"][1],
+            value=cfg.limits.max_connections,
+        )
+        family = _counter("proxytap_downstream_rejections_total", ("rule", "reason"))
+        _fill(family, stats.refusals)
+        yield family
+        yield CounterMetricFamily(
+            "proxytap_downstream_auth_failures_total",
+            METRICS["proxytap_downstream_auth_failures_total"][1],
+            value=stats.auth_failures,
+        )
+        family = _counter("proxytap_downstream_protocol_errors_total", ("protocol",))
+        _fill(family, {"http": 0, "socks": 0, **stats.protocol_errors})
+        yield family
+        yield CounterMetricFamily(
+            "proxytap_downstream_sni_mismatches_total",
+            METRICS["proxytap_downstream_sni_mismatches_total"][1],
+            value=stats.sni_mismatches,
+        )
+        responses: Counter[tuple[str, str]] = Counter(
+            {(c, r): 0 for c in STATUS_CLASSES for r in RESPONDERS}
+        )
+        responses.update(stats.http_responses)
+        family = _counter("proxytap_downstream_http_requests_total", ("code_class", "source"))
+        _fill(family, responses)
+        yield family
+
+        # -- upstream -----------------------------------------------------------------
+        yield _histogram("proxytap_upstream_connect_duration_seconds", stats.connect_seconds)
+        errors: Counter[str] = Counter({f.value: 0 for f in Failure})
+        errors.update(stats.connect_errors)
+        family = _counter("proxytap_upstream_connect_errors_total", ("reason",))
+        _fill(family, errors)
+        yield family
+
+        # -- flows and bytes ----------------------------------------------------------
+        flows = list(table.flows.values())
+        up, down = stats.bytes_up, stats.bytes_down
+        by_tunnel: Counter[str] = Counter()
+        by_class: Counter[str] = Counter()
+        for flow in flows:
+            up += flow.bytes_up
+            down += flow.bytes_down
+            by_tunnel[flow.outer.protocol] += 1
+            by_class[flow.l7 or UNCLASSIFIED] += 1
+        gauge = _gauge("proxytap_upstream_connections_active", ("protocol",))
+        _fill(gauge, by_tunnel)
+        yield gauge
+        family = _counter("proxytap_relayed_bytes_total", ("direction",))
+        family.add_metric(["upstream"], up)
+        family.add_metric(["downstream"], down)
+        yield family
+        hub = app.hub
+        family = _counter("proxytap_flows_total", ("l7",))
+        _fill(family, hub.classified)
+        yield family
+        gauge = _gauge("proxytap_flows_active", ("l7",))
+        _fill(gauge, by_class)
+        yield gauge
+        family = _counter("proxytap_flows_closed_total", ("l7", "reason"))
+        _fill(family, stats.flows_closed)
+        yield family
+        yield _histogram("proxytap_flow_duration_seconds", stats.flow_seconds)
+
+        # -- export -------------------------------------------------------------------
+        yield from self._export(hub.subscriber_errors)
+
+    def _export(self, subscriber_errors: int) -> Iterator[Metric]:
+        sinks = [SinkStats(s) for s in self.app.sinks]
+        events = _counter("proxytap_export_events_total", ("sink", "type"))
+        sent = _counter("proxytap_export_sent_bytes_total", ("sink",))
+        dropped = _counter("proxytap_export_dropped_events_total", ("sink", "reason"))
+        dropped_bytes = _counter("proxytap_export_dropped_bytes_total", ("sink", "reason"))
+        subscribers = _gauge("proxytap_export_subscribers", ("sink",))
+        buffered = _gauge("proxytap_export_buffered_bytes", ("sink",))
+        flows = _gauge("proxytap_export_flows_active", ("sink",))
+        for s in sinks:
+            _fill(events, {(s.name, t): n for t, n in s.events.items()})
+            sent.add_metric([s.name], s.bytes_sent)
+            _fill(dropped, {(s.name, r): n for r, n in s.drops.items()})
+            _fill(dropped_bytes, {(s.name, r): n for r, n in s.dropped_bytes.items()})
+            subscribers.add_metric([s.name], s.subscribers)
+            buffered.add_metric([s.name], s.buffered)
+            flows.add_metric([s.name], s.flows)
+        yield from (events, sent, dropped, dropped_bytes, subscribers, buffered, flows)
+        yield CounterMetricFamily(
+            "proxytap_export_subscriber_errors_total",
+            METRICS["proxytap_export_subscriber_errors_total"][1],
+            value=subscriber_errors,
+        )
+        link = _gauge("proxytap_loopback7_link_up", ("sink",))
+        reconnects = _counter("proxytap_loopback7_reconnects_total", ("sink",))
+        failures = _counter("proxytap_loopback7_connect_failures_total", ("sink",))
+        for sink in self.app.sinks:
+            if sink_kind(sink) == "loopback7":
+                link.add_metric([sink.name], float(sink.link_up))
+                reconnects.add_metric([sink.name], sink.reconnects)
+                failures.add_metric([sink.name], sink.connect_failures)
+        yield from (link, reconnects, failures)
+
+
+def register(app: App, registry: CollectorRegistry, *, process: bool = True) -> CollectorRegistry:
+    """Register proxytap's collector (and the process collector) on ``registry``."""
+    registry.register(ProxytapCollector(app))
+    if process:
+        ProcessCollector(registry=registry)
+    return registry
+
+
+__all__ = ["METRICS", "ProxytapCollector", "SinkStats", "register", "status_class"]
