@@ -1,0 +1,1460 @@
+"""Plain HTTP/1.x forwarding: absolute-form requests, each routed by its own URL.
+
+``ClientConnection`` hands over the client's connection once it has read a
+request head that is not CONNECT. From then on ``HttpForwarder`` (the client
+transport's protocol) parses requests with httptools (llhttp, strict) and
+sends each one, in origin-form, over an upstream connection to the host in
+its URL. Upstream connections belong to the client connection: an idle one is
+kept per ``(host, port)`` (at most ``MAX_IDLE_UPSTREAMS``) and reused, and all
+of them close with the client connection. Each upstream connection is one
+inner flow in the flow table, tapped like a tunnel: UP is exactly what the
+proxy wrote to the origin (the rewritten head, the body as framed), DOWN
+exactly what the origin sent.
+
+Decisions
+    * Targets: only ``http://`` absolute-form is forwarded. Origin-form
+      (``GET /x``) and asterisk-form get 400 (proxytap is a forward proxy, not
+      a reverse proxy); other schemes (``https://`` outside CONNECT, ``ftp://``)
+      get 501: the request is valid HTTP, proxytap does not implement it.
+      userinfo in the URL, a bad host or port, several ``Host`` fields: 400.
+      CONNECT after the first request of a connection: 400 (tunnels start on a
+      fresh connection). Bare-LF line endings are refused (llhttp strict).
+    * Limits: the request line (``limits.max_request_line``, 414) and the head
+      (``limits.max_head``, 431) are counted while llhttp parses; a response
+      head over ``max_head`` is a 502.
+    * Rewriting: the request goes upstream as ``METHOD origin-form HTTP/1.1``
+      with ``Host`` first, taken from the URL (RFC 9112 section 3.2.2: the URI
+      wins over a disagreeing Host field), hop-by-hop fields removed both ways
+      (``proxytap.policy.hopbyhop``), ``Via`` added both ways; ``Connection``
+      towards the client is ours (keep-alive or close).
+    * Framing: bodies stream; nothing is held whole. Content-Length bodies go
+      through byte for byte. llhttp hands over chunked bodies de-chunked, so
+      they are chunked again (same transfer codings, chunk sizes as read,
+      trailers kept). A response with neither length nor chunking (read until
+      the origin closes) is chunked for an HTTP/1.1 client, so the client
+      connection stays open and a truncated body is visible as one; an
+      HTTP/1.0 client gets it close-delimited, and the connection closes.
+    * HEAD: llhttp cannot be told that a response has no body (httptools
+      exposes no "skip body"), so for a HEAD request the forwarder feeds the
+      parser only up to the end of each response head (``\\r\\n\\r\\n``) and
+      starts a fresh parser after the final one. 204, 304 and 1xx have no body
+      in llhttp already.
+    * 1xx: interim responses (100 Continue, 103) are relayed to HTTP/1.1
+      clients and dropped for HTTP/1.0 ones (RFC 9110 section 15.2); the final
+      response follows. ``Expect`` is forwarded end to end (dropped for 1.0).
+    * HTTP/1.0 clients are answered in HTTP/1.1 and the connection is closed
+      after each response (RFC 9112 section 9.3: a proxy must not keep a
+      persistent connection with an HTTP/1.0 client).
+    * A response that starts before its request is complete (an early error,
+      a refused 100-continue) says ``Connection: close``; after it both the
+      client connection and that upstream connection close.
+    * Pipelining: requests are answered in order, one at a time. While a
+      response is outstanding the client is not read; requests already read
+      wait in a queue (never more than one read's worth).
+    * WebSocket: ``Upgrade: websocket`` + ``Connection: upgrade`` is forwarded
+      with both; on 101 the 101 is relayed and the connection becomes a raw
+      relay both ways (still the same flow, still tapped). Other upgrades
+      (h2c) are forwarded without ``Upgrade``.
+    * Errors: connect failures answer ``Failure.http_status`` with its
+      ``Proxy-Status`` type; an origin that closes or resets before a final
+      response head gives 502 ``http_response_incomplete``; an invalid
+      response 502 ``http_protocol_error``; no bytes for ``timeouts.idle`` 504
+      ``http_response_timeout``. Once part of a response was sent, the client
+      connection is just closed (reset when the origin reset). A request
+      without a body that fails on a reused upstream connection before any
+      response byte (the origin's keep-alive ran out) is retried once on a new
+      connection (idempotent methods only). After an error reply or a
+      ``Connection: close`` response, the client connection is half-closed
+      and drained for ``LINGER`` seconds, so unread request bytes do not turn
+      the close into a reset that destroys the reply.
+    * Backpressure: a transport whose write buffer passes
+      ``limits.write_buffer_high`` pauses reading on the transport that feeds
+      it, both ways.
+    * Performance: protocol callbacks only; a task exists only while a new
+      upstream connection is being made. Writes made while one read is parsed
+      are joined and written once per read (head and body in one send).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import re
+import time
+from collections import deque
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Final, cast
+
+import httptools
+
+from proxytap.errors import Failure, ProtocolError, UpstreamError, classify_os_error
+from proxytap.flows.table import DOWN, UP, CloseReason, Connection, Flow, endpoint
+from proxytap.front.relay import reset
+from proxytap.policy.auth import parse_proxy_authorization, proxy_authenticate_header
+from proxytap.policy.hopbyhop import is_websocket_upgrade, strip_block, strip_hop_by_hop
+from proxytap.proto import httpconnect
+from proxytap.proto.socks import normalize_host
+
+if TYPE_CHECKING:
+    from proxytap.export.hub import Hub
+    from proxytap.front.services import Services
+
+log = logging.getLogger("proxytap.front.http")
+access_log = logging.getLogger("proxytap.access")  # one line per request: silence it here
+
+MAX_IDLE_UPSTREAMS: Final = 8  # idle upstream connections kept per client connection
+LINGER: Final = 2.0  # seconds a closing client connection is drained before the close
+
+ORIGIN_FORM_REASON: Final = (
+    "proxytap is a forward proxy, not a reverse proxy: "
+    "the request target must be an absolute http:// URI"
+)
+
+_CRLF: Final = b"\r\n"
+_LAST_CHUNK: Final = b"0\r\n"
+_CHUNKED: Final = b"chunked"
+_IDEMPOTENT: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
+# names the request/response header callbacks look at (lower case)
+_HOP: Final = frozenset(
+    (
+        b"connection",
+        b"proxy-connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+    )
+)
+_WATCH: Final = _HOP | {b"host", b"content-length", b"expect"}
+_CONTENT_LENGTH: Final = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)", re.IGNORECASE)
+
+# how a response body goes to the client
+_NONE: Final = 0  # no body
+_RAW: Final = 1  # as received: Content-Length, chunked, close-delimited to HTTP/1.0
+_WRAP: Final = 2  # close-delimited from the origin, chunked to an HTTP/1.1 client
+_DECHUNK: Final = 3  # chunked from the origin, close-delimited to an HTTP/1.0 client
+
+
+class _BadResponse(Exception):
+    """The origin broke HTTP; ``status`` / ``proxy_status`` is what the client gets."""
+
+    def __init__(self, reason: str, proxy_status: str = "http_protocol_error") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.proxy_status = proxy_status
+
+
+def _refusal(reason: str, status: int = 400) -> ProtocolError:
+    return ProtocolError(reason, status=status, proxy_status="http_request_error")
+
+
+class _Target:
+    """Where an absolute-form URL points and what goes upstream."""
+
+    __slots__ = ("authority", "host", "port", "target")
+
+    def __init__(self, host: str, port: int, authority: bytes, target: bytes) -> None:
+        self.host = host
+        self.port = port
+        self.authority = authority  # the Host field value, as the URL spelled it
+        self.target = target  # origin-form (or "*" for OPTIONS)
+
+
+@functools.lru_cache(maxsize=1024)
+def parse_target(url: bytes, method: bytes) -> _Target:
+    """Check a request-target; return where it goes. Raises ``ProtocolError``."""
+    if url.startswith(b"/"):
+        raise _refusal(ORIGIN_FORM_REASON)
+    if url == b"*":
+        raise _refusal("asterisk-form is for origin servers: " + ORIGIN_FORM_REASON)
+    try:
+        parsed = httptools.parse_url(url)
+    except httptools.HttpParserInvalidURLError:
+        raise _refusal("invalid request target") from None
+    schema = (parsed.schema or b"").lower()
+    if schema != b"http":
+        if schema == b"https":
+            raise _refusal("https:// URLs go through a CONNECT tunnel, not a plain request", 501)
+        raise _refusal("only http:// URLs are forwarded", 501)
+    if parsed.userinfo:
+        raise _refusal("userinfo is not allowed in an http URI")
+    try:
+        checked = normalize_host(parsed.host.decode("ascii")) if parsed.host else None
+    except UnicodeDecodeError:
+        checked = None
+    if checked is None:
+        raise _refusal("invalid host in request target")
+    port = 80 if parsed.port is None else parsed.port
+    if not 1 <= port <= 65535:
+        raise _refusal("invalid port in request target")
+    start = len(schema) + 3  # "http://"
+    end = len(url)
+    for sep in b"/?#":
+        i = url.find(bytes((sep,)), start)
+        if 0 <= i < end:
+            end = i
+    authority = url[start:end]
+    rest = url[end:].partition(b"#")[0]
+    if not rest:
+        rest = b"*" if method == b"OPTIONS" else b"/"
+    elif rest.startswith(b"?"):
+        rest = b"/" + rest
+    return _Target(checked[0], port, authority, rest)
+
+
+class _ResponseHead:
+    """What the client gets of a response head, but ``Via`` and ``Connection``."""
+
+    __slots__ = ("block", "chunked", "codings", "http10", "length", "line")
+
+    def __init__(self, raw: bytes, status: int) -> None:
+        line_end = raw.find(b"\r\n")
+        line = raw[:line_end]
+        self.http10 = line.startswith(b"HTTP/1.0")
+        self.line = b"HTTP/1.1" + line[8:] if self.http10 else line
+        block, removed = strip_block(raw[line_end:], keep_upgrade=status == 101)
+        self.block = block[:-2]  # without the blank line: our own fields follow
+        te = [v for n, v in removed if n.lower() == b"transfer-encoding"]
+        self.codings = b", ".join(te)  # the transfer codings, b"" for none
+        self.chunked = bool(te) and self.codings.rpartition(b",")[2].strip().lower() == _CHUNKED
+        match = None if te else _CONTENT_LENGTH.search(block)
+        self.length = -1 if match is None else int(match[1])  # llhttp checked it
+
+
+@functools.lru_cache(maxsize=512)
+def response_head(raw: bytes, status: int) -> _ResponseHead:
+    """The rewritten response head; cached, since an origin sends the same heads again."""
+    return _ResponseHead(raw, status)
+
+
+class _Request:
+    """One client request, from its head to the end of its response.
+
+    A plain class with class-level defaults: only what differs is set per
+    request (one exists per request, so its creation is on the hot path).
+    """
+
+    head = b""  # the head sent upstream
+    chunked = False  # the body goes upstream chunked again
+    done = False  # the whole request has been read
+    keep_alive = False  # the client wants the connection kept
+    keep = False  # our answer
+    websocket = False
+    auth_pending = False  # its credentials are being checked: not sent yet
+    upstream: _Upstream | None = None
+    responded = False  # the final response head went to the client
+    retried = False
+    status = 0
+    body_bytes = 0
+    up_bytes = 0
+    down_bytes = 0
+
+    def __init__(self, method: bytes, to: _Target, http10: bool, start: float) -> None:
+        self.method = method
+        self.to = to
+        self.http10 = http10
+        self.start = start
+        self.is_head = method == b"HEAD"
+        self.pending: list[bytes] = []  # framed body waiting for the upstream connection
+
+
+class HttpForwarder(asyncio.Protocol):
+    """The client connection's protocol once it forwards plain HTTP."""
+
+    def __init__(self, services: Services, conn: Connection, transport: asyncio.Transport) -> None:
+        self.services = services
+        self.hub: Hub | None = services.hub
+        self.conn = conn
+        self.transport = transport
+        cfg = services.config
+        self.max_head = cfg.limits.max_head
+        self.max_line = cfg.limits.max_request_line
+        self.high_water = cfg.limits.write_buffer_high
+        self.keepalive = cfg.timeouts.http_keepalive
+        self.idle_timeout = cfg.timeouts.idle
+        name = cfg.proxy_name.encode("ascii", "replace")
+        self.via11 = b"Via: 1.1 " + name + _CRLF
+        self.via10 = b"Via: 1.0 " + name + _CRLF
+        self.loop = asyncio.get_running_loop()
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue: deque[_Request] = deque()  # parsed, not yet answered; [0] is active
+        self.parsing: _Request | None = None  # the request whose body is being read
+        self.idle: dict[tuple[str, int], _Upstream] = {}
+        self.upstreams: set[_Upstream] = set()
+        self.tunnel: _Upstream | None = None  # WebSocket after 101
+        self.held = b""  # client bytes read but not parsed (after an upgrade request)
+        self.broken: ProtocolError | None = None  # answer once the queue is done, then close
+        self.auth_ok = b""  # the Proxy-Authorization value already verified on this connection
+        # the request head being parsed
+        self.in_head = False
+        self.url_parts: list[bytes] = []
+        self.head_size = 0
+        self.head_fed = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.watch: list[tuple[bytes, bytes]] = []  # (lower-case name, value) of _WATCH fields
+        self.hop_seen = False
+        self.trailers: list[tuple[bytes, bytes]] = []
+        self.synthetic = False  # feeding a made-up head to parse an h2c request's body
+        # output corking: writes made while one read is handled go out together
+        self.ucork = False
+        self.dirty: list[_Upstream] = []
+        self.ccork = False
+        self.cout: list[bytes] = []
+        # state
+        self.reading = True
+        self.client_blocked = False  # our write buffer to the client is full
+        self.client_eof = False
+        self.draining = False
+        self.lingering = False
+        self.closed = False
+        self.activity = 0
+        self.seen = 0
+        self.active_at = self.loop.time()
+        self.idle_since = self.active_at
+        self.timer: asyncio.TimerHandle | None = None
+
+    # -- life cycle -----------------------------------------------------------------
+
+    def start(self, initial: bytes) -> None:
+        """Take over the client connection; ``initial`` is everything read so far."""
+        self.services.live.add(self)
+        self.transport.set_write_buffer_limits(high=self.high_water)
+        self.timer = self.loop.call_later(min(self.keepalive, self.idle_timeout), self._tick)
+        if initial:
+            self.data_received(initial)
+
+    def shutdown(self, force: bool) -> None:
+        """Proxy shutdown: close now if ``force`` or idle, else after the current response."""
+        if self.closed:
+            return
+        if force:
+            self._close(CloseReason.NORMAL)
+            return
+        self.draining = True
+        if self.tunnel is None and not self.queue and not self.in_head:
+            self._close(CloseReason.NORMAL)
+
+    # -- client transport callbacks -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # pragma: no cover
+        pass  # the transport was handed over; ``start`` does the set-up
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.activity += 1
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            return
+        if self.lingering or self.broken is not None:
+            return  # drained and dropped
+        self._process(data)
+
+    def eof_received(self) -> bool:
+        if self.closed:
+            return False
+        self.client_eof = True
+        tunnel = self.tunnel
+        if tunnel is not None:
+            if tunnel.eof:
+                self._close(CloseReason.NORMAL)
+                return False
+            tunnel.write_eof()
+            return True
+        if self.lingering:
+            self._close(CloseReason.NORMAL)
+            return False
+        if self.in_head or self.parsing is not None:
+            # a request cut short can never complete
+            active = self.queue[0] if self.queue else None
+            if active is not None and active is self.parsing and active.upstream is not None:
+                active.upstream.close(CloseReason.NORMAL)
+            self._close(CloseReason.NORMAL)
+            return False
+        if not self.queue:
+            self._close(CloseReason.NORMAL)
+            return False
+        return True  # answer what was asked, then close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._teardown(CloseReason.RESET if exc is not None else CloseReason.NORMAL)
+
+    def pause_writing(self) -> None:
+        self.client_blocked = True
+        up = self.tunnel if self.tunnel is not None else self._active_upstream()
+        if up is not None:
+            up.set_reading(False)
+
+    def resume_writing(self) -> None:
+        self.client_blocked = False
+        up = self.tunnel if self.tunnel is not None else self._active_upstream()
+        if up is not None:
+            up.set_reading(True)
+
+    # -- reading requests -----------------------------------------------------------
+
+    def _process(self, data: bytes) -> None:
+        """Parse what the client sent; what that writes upstream goes out once, at the end."""
+        self.ucork = True
+        try:
+            self._feed(data)
+        finally:
+            self.ucork = False
+        dirty = self.dirty
+        if dirty:
+            self.dirty = []
+            for up in dirty:
+                up.flush()
+        if not self.closed:
+            self._update_reading()
+
+    def _feed(self, data: bytes) -> None:
+        if self.in_head:
+            self.head_fed += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._upgraded(data[int(exc.args[0]) :])
+            return
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if not isinstance(cause, ProtocolError):
+                log.error("internal error parsing a request", exc_info=cause)
+                cause = _refusal("the proxy failed to process the request", 500)
+            self._request_error(cause)
+            return
+        except httptools.HttpParserError as exc:
+            self._request_error(_refusal(f"malformed HTTP request: {exc}"))
+            return
+        if self.in_head and self.head_fed > self.max_head:
+            self._request_error(_refusal("request head too large", 431))
+
+    def on_message_begin(self) -> None:
+        if self.synthetic:
+            return
+        self.in_head = True
+        self.url_parts = []
+        self.head_size = 0
+        self.head_fed = 0
+        self.headers = []
+        self.watch = []
+        self.hop_seen = False
+
+    def on_url(self, url: bytes) -> None:
+        if self.synthetic:
+            return
+        self.url_parts.append(url)
+        self.head_size += len(url)
+        if self.head_size > self.max_line:  # only the URL counted so far
+            raise _refusal("request line too long", 414)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.synthetic:
+            return
+        if not self.in_head:
+            self.trailers.append((name, value))
+            return
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > self.max_head:
+            raise _refusal("request head too large", 431)
+        self.headers.append((name, value))
+        lname = name.lower()
+        if lname in _WATCH:
+            self.watch.append((lname, value))
+            if lname in _HOP:
+                self.hop_seen = True
+
+    def on_headers_complete(self) -> None:
+        if self.synthetic:
+            return
+        self.in_head = False
+        req = self._build_request()
+        self.parsing = req
+        queue = self.queue
+        queue.append(req)
+        if len(queue) == 1:
+            self._dispatch(req)
+
+    def on_body(self, body: bytes) -> None:
+        req = self.parsing
+        if req is None:  # pragma: no cover - llhttp calls on_body only inside a message
+            return
+        req.body_bytes += len(body)
+        if req.chunked:
+            body = b"%x\r\n%b\r\n" % (len(body), body)
+        self._send_up(req, body)
+
+    def on_message_complete(self) -> None:
+        req = self.parsing
+        if req is None:  # pragma: no cover
+            return
+        if req.websocket is False and self.parser.should_upgrade() and self._has_body():
+            return  # an h2c upgrade with a body: _upgraded reads the body
+        self.synthetic = False
+        if req.chunked:
+            last = [_LAST_CHUNK]
+            for name, value in self.trailers:
+                last += (name, b": ", value, _CRLF)
+            last.append(_CRLF)
+            self._send_up(req, b"".join(last))
+        req.done = True
+        self.parsing = None
+
+    def _has_body(self) -> bool:
+        for lname, value in self.watch:
+            if lname == b"transfer-encoding" or (
+                lname == b"content-length" and value.strip() != b"0"
+            ):
+                return True
+        return False
+
+    def _build_request(self) -> _Request:
+        parser = self.parser
+        method = parser.get_method()
+        if method == b"CONNECT":
+            raise _refusal("CONNECT must be the first request on a connection to the proxy")
+        http10 = parser.get_http_version() == "1.0"
+        to = parse_target(b"".join(self.url_parts), method)
+        req = _Request(method, to, http10, self.loop.time())
+        if not http10:
+            req.keep_alive = parser.should_keep_alive()
+        headers = self.headers
+        te: list[bytes] | None = None
+        hosts = 0
+        for lname, value in self.watch:
+            if lname == b"host":
+                hosts += 1
+            elif lname == b"transfer-encoding":
+                if te is None:
+                    te = []
+                te.append(value)
+        if hosts > 1:
+            raise _refusal("more than one Host header field")
+        if self.services.auth is not None:
+            self._check_credentials(req)
+        if self.hop_seen:
+            req.websocket = parser.should_upgrade() and is_websocket_upgrade(headers)
+            headers = strip_hop_by_hop(headers, keep_upgrade=req.websocket)
+        out = [method, b" ", to.target, b" HTTP/1.1\r\nHost: ", to.authority, _CRLF]
+        if hosts or http10:
+            for name, value in headers:
+                lname = name.lower()
+                if lname == b"host" or (http10 and lname == b"expect"):
+                    continue
+                out += (name, b": ", value, _CRLF)
+        else:
+            for name, value in headers:
+                out += (name, b": ", value, _CRLF)
+        if te is not None:
+            if http10:
+                raise _refusal("Transfer-Encoding in an HTTP/1.0 request")
+            req.chunked = True
+            out += (b"Transfer-Encoding: ", b", ".join(te), _CRLF)
+        if req.websocket:
+            out.append(b"Connection: Upgrade\r\n")
+        out += (self.via10 if http10 else self.via11, _CRLF)
+        req.head = b"".join(out)
+        return req
+
+    def _check_credentials(self, req: _Request) -> None:
+        """Proxy authentication, per request: a value verified once is not checked again."""
+        creds = next((v for n, v in self.watch if n == b"proxy-authorization"), None)
+        if creds is None:
+            self.services.refused("auth", "proxy authentication required")
+            raise ProtocolError(
+                "proxy authentication required", status=407, proxy_status="http_request_denied"
+            )
+        if creds != self.auth_ok:
+            req.auth_pending = True
+            self.services.tasks.spawn(self._authenticate(req, creds))
+
+    async def _authenticate(self, req: _Request, creds: bytes) -> None:
+        auth = self.services.auth
+        assert auth is not None
+        user: str | None = None
+        try:
+            user, password = parse_proxy_authorization(creds.decode("latin-1"))
+            ok = await auth.check(user, password)
+        except ProtocolError as exc:
+            err = exc
+        else:
+            err = ProtocolError(
+                "wrong user name or password", status=407, proxy_status="http_request_denied"
+            )
+            if ok:
+                if self.closed:
+                    return
+                self.auth_ok = creds
+                self.conn.user = user
+                req.auth_pending = False
+                if self.queue and self.queue[0] is req and req.upstream is None:
+                    self._dispatch(req)
+                    self._update_reading()
+                return
+        if self.closed:
+            return
+        self.services.refused("auth", "bad credentials")
+        self.services.stats.auth_failures += 1
+        log.info("http %s:%d authentication failed (user %r)", *self.conn.client, user)
+        if req in self.queue:
+            if req.upstream is not None:
+                req.upstream.close(CloseReason.ERROR)
+            self.queue.remove(req)
+        if self.parsing is req:
+            self.parsing = None
+        self.broken = err
+        if not self.queue:
+            self._reply_error(err)
+
+    def _upgraded(self, rest: bytes) -> None:
+        """llhttp stopped after an upgrade request's head; ``rest`` followed it."""
+        req = self.parsing
+        self.parser = httptools.HttpRequestParser(self)
+        if req is None or req.websocket or req.done:
+            # a WebSocket handshake: the rest waits for the 101 (or for the next request)
+            if req is not None:
+                req.done = True
+                self.parsing = None
+            self.held += rest
+            return
+        # an upgrade we do not relay, with a body: parse the body with a fresh parser
+        self.synthetic = True
+        framing = b"Transfer-Encoding: chunked" if req.chunked else self._content_length()
+        self._feed(b"POST / HTTP/1.1\r\n" + framing + b"\r\n\r\n")
+        if rest and not self.closed:
+            self._feed(rest)
+
+    def _content_length(self) -> bytes:
+        for lname, value in self.watch:
+            if lname == b"content-length":
+                return b"Content-Length: " + value
+        return b"Content-Length: 0"  # pragma: no cover - _has_body found one
+
+    # -- sending requests -----------------------------------------------------------
+
+    def _dispatch(self, req: _Request, fresh: bool = False) -> None:
+        """Make ``req`` the active request: find or open its upstream connection."""
+        if req.auth_pending:
+            return  # _authenticate dispatches it
+        to = req.to
+        up = None if fresh else self.idle.pop((to.host, to.port), None)
+        if up is None:
+            up = _Upstream(self, to.host, to.port)
+            self.upstreams.add(up)
+            up.task = self.services.tasks.spawn(up.connect())
+        else:
+            up.idle = False
+        up.req = req
+        req.upstream = up
+        if up.ready:
+            self._start_request(up, req)
+
+    def _start_request(self, up: _Upstream, req: _Request) -> None:
+        flow = up.flow
+        if flow is not None and up.authority is not req.to.authority:
+            up.authority = req.to.authority
+            flow.http_host = up.authority.decode("latin-1")
+        # the response state of the connection
+        up.served += 1
+        up.got = 0
+        up.in_head = True
+        if up.hbuf:
+            up.hbuf.clear()
+        up.stray = False
+        up.completed = None
+        if req.http10:  # chunked bodies are de-chunked for HTTP/1.0 clients: llhttp's on_body
+            events = SimpleNamespace(on_body=up.body, **vars(up.events))
+            up.parser = httptools.HttpResponseParser(events)
+        up.send(req.head)
+        pending = req.pending
+        if pending:
+            req.pending = []
+            for chunk in pending:
+                up.send(chunk)
+        if up.reading is self.client_blocked:
+            up.set_reading(not self.client_blocked)
+
+    def _send_up(self, req: _Request, data: bytes) -> None:
+        up = req.upstream
+        if up is not None and up.ready and up.req is req:
+            up.send(data)
+        else:
+            req.pending.append(data)
+
+    def _active_upstream(self) -> _Upstream | None:
+        if self.queue:
+            return self.queue[0].upstream
+        return None
+
+    def _update_reading(self) -> None:
+        """Read the client unless what it sent cannot go anywhere yet."""
+        if self.lingering:
+            want = True
+        elif self.tunnel is not None:
+            want = not self.tunnel.blocked
+        else:
+            queue = self.queue
+            if not queue:
+                want = True
+            elif len(queue) > 1 or self.in_head or self.held:
+                want = False  # a pipelined request waits, read but not started: read no more
+            else:
+                req = queue[0]
+                up = req.upstream
+                # done: only notice a client that goes away, or its next request
+                want = req.done or (up is not None and up.ready and not up.blocked)
+        if want is not self.reading:
+            self.reading = want
+            if want:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
+
+    # -- responses ------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Write to the client (joined with the rest of this read when corked)."""
+        if self.ccork:
+            self.cout.append(data)
+        elif not self.closed:
+            self.transport.write(data)
+
+    def flush(self) -> None:
+        out = self.cout
+        if out:
+            self.cout = []
+            if not self.closed:
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def finished(self, up: _Upstream, req: _Request, reusable: bool) -> None:
+        """The response to ``req`` was relayed completely."""
+        now = self.loop.time()
+        self.idle_since = now
+        self.activity += 1
+        queue = self.queue
+        if queue and queue[0] is req:
+            queue.popleft()
+        if access_log.isEnabledFor(logging.INFO):
+            self._log(req, now)
+        if self.closed:
+            return
+        if reusable and not self.lingering:
+            up.idle = True
+            idle = self.idle
+            idle[up.key] = up
+            if len(idle) > MAX_IDLE_UPSTREAMS:
+                idle.pop(next(iter(idle))).close(CloseReason.NORMAL)
+            if not up.reading:
+                up.set_reading(True)  # notice the origin closing it
+        else:
+            up.close(CloseReason.NORMAL)
+        if not req.keep:
+            self._linger()
+        elif queue or self.held or self.broken is not None or self.client_eof:
+            self._next()
+        elif self.draining or self.services.draining:
+            self._close(CloseReason.NORMAL)
+        elif not self.reading:
+            self._update_reading()
+
+    def _next(self) -> None:
+        """Start the next queued request, or answer a refusal, or parse what is held."""
+        if self.queue:
+            self._dispatch(self.queue[0])
+            self._update_reading()
+        elif self.broken is not None:
+            self._reply_error(self.broken)
+        elif self.client_eof:
+            self._close(CloseReason.NORMAL)
+        elif self.held:
+            held = self.held
+            self.held = b""
+            self._process(held)
+
+    def start_tunnel(self, up: _Upstream, rest: bytes) -> None:
+        """101 relayed: from now on bytes go through unparsed, both ways."""
+        self.tunnel = up
+        req = self.queue.popleft() if self.queue else None
+        if req is not None:
+            self._log(req, self.loop.time())
+        if rest:
+            self.write(rest)
+        held = self.held
+        self.held = b""
+        if held:
+            up.write(held)
+        up.set_reading(not self.client_blocked)
+        self._update_reading()
+
+    def upstream_error(self, up: _Upstream, req: _Request, reason: CloseReason) -> None:
+        """``up`` failed while serving ``req``: connect failed, closed early, or broke HTTP."""
+        if self.closed or not self.queue or self.queue[0] is not req:
+            return
+        self.queue.popleft()
+        self._log(req, self.loop.time())
+        if not req.responded:
+            status, why, proxy_status = up.error
+            self.reply(req, status, why, proxy_status)
+            return
+        self.flush()
+        self._close(reason, reset_client=reason is CloseReason.RESET)
+
+    # -- errors and endings ---------------------------------------------------------
+
+    def reply(self, req: _Request | None, status: int, reason: str, proxy_status: str) -> None:
+        """Answer with the proxy's own error response, then close."""
+        if self.closed or self.lingering:
+            return
+        self.flush()
+        extra = []
+        if status == 407:
+            extra.append(proxy_authenticate_header(self.services.config.auth.realm))
+        self.transport.write(
+            httpconnect.error_response(
+                status,
+                reason,
+                proxy_status,
+                proxy_name=self.services.config.proxy_name,
+                extra_headers=extra,
+                include_body=req is None or not req.is_head,
+            )
+        )
+        self._linger()
+
+    def _reply_error(self, err: ProtocolError) -> None:
+        log.info("http %s:%d refused: %s", *self.conn.client, err.reason)
+        if err.status != 407:
+            self.services.stats.protocol_errors["http"] += 1
+        self.reply(None, err.status, err.reason, err.proxy_status)
+
+    def _request_error(self, err: ProtocolError) -> None:
+        """The client broke HTTP (or asked for something we refuse)."""
+        req = self.parsing
+        self.parsing = None
+        self.in_head = False
+        if req is not None and self.queue and req is not self.queue[0]:
+            self.queue.remove(req)  # a pipelined request that never started
+            req = None
+        if req is not None:
+            # the active request, cut off in its body
+            up = req.upstream
+            self.queue.popleft()
+            if up is not None:
+                up.close(CloseReason.ERROR)
+            if req.responded:
+                self._close(CloseReason.NORMAL)
+                return
+            self.queue.clear()
+        self.broken = err
+        if not self.queue:
+            self._reply_error(err)
+
+    def _log(self, req: _Request, now: float) -> None:
+        """The access log line: one per request, never payload bytes."""
+        to = req.to
+        access_log.info(
+            "%s:%d %s %s:%d%s %s up=%d down=%d %.3fs",
+            *self.conn.client,
+            req.method.decode("latin-1"),
+            to.host,
+            to.port,
+            to.target.partition(b"?")[0].decode("latin-1"),
+            req.status or "-",
+            req.up_bytes,
+            req.down_bytes,
+            now - req.start,
+        )
+
+    def _linger(self) -> None:
+        """Our last response is written: half-close, drain the client briefly, then close."""
+        if self.closed or self.lingering:
+            return
+        self.lingering = True
+        self.flush()
+        for up in list(self.upstreams):
+            up.close(CloseReason.NORMAL)
+        transport = self.transport
+        if self.client_eof or not transport.can_write_eof():
+            self._close(CloseReason.NORMAL)
+            return
+        with contextlib.suppress(OSError, RuntimeError):
+            transport.write_eof()
+        self._update_reading()
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_later(LINGER, self._close, CloseReason.NORMAL)
+
+    def _close(self, reason: CloseReason, reset_client: bool = False) -> None:
+        if self.closed:
+            return
+        self.flush()
+        transport = self.transport
+        self._teardown(reason)
+        if reset_client:
+            reset(transport)
+        elif not transport.is_closing():
+            transport.close()
+
+    def _teardown(self, reason: CloseReason) -> None:
+        """The client connection is over: close every upstream and flow, once."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        for up in list(self.upstreams):
+            up.close(reason)
+        self.idle.clear()
+        self.queue.clear()
+        self.services.table.close_connection(self.conn)
+        self.services.live.discard(self)
+
+    def _tick(self) -> None:
+        self.timer = None
+        if self.closed or self.lingering:
+            return
+        now = self.loop.time()
+        if self.activity != self.seen:
+            self.seen = self.activity
+            self.active_at = now
+        busy = self.tunnel is not None or bool(self.queue)
+        # busy: no bytes for ``idle``; else between requests (or a head arriving slowly)
+        deadline = self.active_at + self.idle_timeout if busy else self.idle_since + self.keepalive
+        if now >= deadline:
+            self._timed_out(busy)
+            return
+        step = min(deadline - now, self.keepalive)
+        self.timer = self.loop.call_later(step, self._tick)
+
+    def _timed_out(self, busy: bool) -> None:
+        if not busy:
+            log.debug("http %s:%d keep-alive timeout", *self.conn.client)
+            self._close(CloseReason.NORMAL)
+            return
+        req = self.queue[0] if self.queue else None
+        if req is not None and not req.responded and req.done:
+            up = req.upstream
+            if up is not None:
+                up.close(CloseReason.TIMEOUT)
+            self.queue.popleft()
+            self._log(req, self.loop.time())
+            self.reply(req, 504, "the destination did not answer in time", "http_response_timeout")
+            return
+        self._close(CloseReason.TIMEOUT)
+
+
+class _Upstream(asyncio.Protocol):
+    """One upstream connection of a client connection: one inner flow."""
+
+    def __init__(self, fwd: HttpForwarder, host: str, port: int) -> None:
+        self.fwd = fwd
+        self.host = host
+        self.port = port
+        self.key = (host, port)
+        self.hub = fwd.hub
+        self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.flow: Flow | None = None
+        self.authority = b""  # the Host of the last request: the flow's http_host
+        self.req: _Request | None = None
+        self.ready = False
+        self.idle = False
+        self.closed = False
+        self.blocked = False  # our write buffer to the origin is full
+        self.reading = True
+        self.eof = False
+        self.served = 0  # requests started on this connection
+        self.out: list[bytes] = []
+        self.is_dirty = False
+        self.error = (502, "the destination sent an invalid HTTP response", "http_protocol_error")
+        # the response being parsed: llhttp frames it, its head is read raw
+        self.events = SimpleNamespace(
+            on_message_begin=self.message_begin,
+            on_headers_complete=self.headers_complete,
+            on_message_complete=self.message_complete,
+        )
+        self.parser = httptools.HttpResponseParser(self.events)
+        self.got = 0  # bytes received for the current request
+        self.in_head = False
+        self.hbuf = bytearray()  # a head that came in pieces
+        self.raw_head = b""
+        self.interim = False
+        self.switching = False
+        self.mode = _NONE
+        self.body_left = -1  # Content-Length bytes still to relay; -1: llhttp decides
+        self.close_delimited = False
+        self.upkeep = False
+        self.stray = False  # bytes followed a complete response
+        self.completed: _Request | None = None
+
+    # -- connecting -----------------------------------------------------------------
+
+    async def connect(self) -> None:
+        fwd = self.fwd
+        services = fwd.services
+        try:
+            sock = await services.connect(self.host, self.port, fwd.conn.user)
+        except UpstreamError as exc:
+            self._connect_failed(exc.failure, exc.detail)
+            return
+        except Exception as exc:  # never leave the client waiting
+            self._connect_failed(classify_os_error(exc), repr(exc))
+            return
+        try:
+            await fwd.loop.create_connection(lambda: self, sock=sock)
+            assert self.transport is not None
+            peer = endpoint(self.transport.get_extra_info("peername"))
+        except BaseException as exc:
+            if self.transport is not None:
+                self.transport.abort()
+            else:
+                sock.close()
+            if not isinstance(exc, Exception):
+                raise
+            self._connect_failed(classify_os_error(exc), repr(exc))
+            return
+        finally:
+            self.task = None
+        transport = self.transport
+        if self.closed or fwd.closed:
+            transport.close()
+            return
+        transport.set_write_buffer_limits(high=fwd.high_water)
+        flow = services.table.open_flow(fwd.conn, peer, self.host, self.port, time.time())
+        self.flow = flow
+        if self.hub is not None:
+            self.hub.opened(flow)
+        self.ready = True
+        req = self.req
+        if req is not None:
+            fwd._start_request(self, req)
+            fwd._update_reading()
+
+    def _connect_failed(self, failure: Failure, detail: str) -> None:
+        fwd = self.fwd
+        self.closed = True
+        self.task = None
+        fwd.upstreams.discard(self)
+        log.info(
+            "http %s:%d -> %s:%d connect failed: %s (%s)",
+            *fwd.conn.client,
+            self.host,
+            self.port,
+            failure.value,
+            detail,
+        )
+        req = self.req
+        if req is not None:
+            self.error = (failure.http_status, failure.description, failure.value)
+            fwd.upstream_error(self, req, CloseReason.ERROR)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport.pause_reading()  # until the flow exists and the request is on its way
+        self.reading = False
+
+    # -- writing ----------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        if self.fwd.ucork:
+            self.out.append(data)
+            if not self.is_dirty:
+                self.is_dirty = True
+                self.fwd.dirty.append(self)
+        else:
+            self.write(data)
+
+    def flush(self) -> None:
+        self.is_dirty = False
+        out = self.out
+        if out:
+            self.out = []
+            self.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def write(self, data: bytes) -> None:
+        """Write to the origin and tap it as UP."""
+        transport = self.transport
+        flow = self.flow
+        if self.closed or transport is None or flow is None:
+            return
+        transport.write(data)
+        flow.bytes_up += len(data)
+        flow.chunks_up += 1
+        req = self.req
+        if req is not None:
+            req.up_bytes += len(data)
+        if self.hub is not None:
+            self.hub.data(flow, UP, data, time.time())
+
+    def write_eof(self) -> None:
+        transport = self.transport
+        if transport is not None and transport.can_write_eof() and not transport.is_closing():
+            with contextlib.suppress(OSError, RuntimeError):
+                transport.write_eof()
+
+    def set_reading(self, want: bool) -> None:
+        if want == self.reading or self.closed or self.transport is None:
+            return
+        self.reading = want
+        if want:
+            self.transport.resume_reading()
+        else:
+            self.transport.pause_reading()
+
+    def pause_writing(self) -> None:
+        self.blocked = True
+        self.fwd._update_reading()
+
+    def resume_writing(self) -> None:
+        self.blocked = False
+        self.fwd._update_reading()
+
+    # -- reading the response -----------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        flow = self.flow
+        if self.closed or flow is None:
+            return
+        fwd = self.fwd
+        flow.bytes_down += len(data)
+        flow.chunks_down += 1
+        if self.hub is not None:
+            self.hub.data(flow, DOWN, data, time.time())
+        fwd.activity += 1
+        if fwd.tunnel is self:
+            fwd.write(data)
+            return
+        req = self.req
+        if req is None or self.stray:
+            log.debug("http upstream %s:%d sent bytes out of turn", self.host, self.port)
+            self.close(CloseReason.ERROR)
+            return
+        self.got += len(data)
+        err: _BadResponse | None = None
+        fwd.ccork = True
+        try:
+            if self.in_head:
+                self._consume(data)
+            else:
+                self._body(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _BadResponse):
+                err = cause
+            else:
+                log.error("internal error parsing a response", exc_info=cause)
+                err = _BadResponse("the proxy failed to process the response")
+        except httptools.HttpParserUpgrade:
+            err = _BadResponse("unexpected protocol switch")
+        except httptools.HttpParserError as exc:
+            err = _BadResponse(f"invalid HTTP response: {exc}")
+        except _BadResponse as exc:
+            err = exc
+        finally:
+            fwd.ccork = False
+        if err is not None:
+            self.completed = None
+            self._broken(req, err)
+            return
+        fwd.flush()
+        done = self.completed
+        if done is not None:
+            self.completed = None
+            fwd.finished(
+                self,
+                done,
+                self.upkeep and done.done and not self.close_delimited and not self.stray,
+            )
+
+    def _body(self, data: bytes | memoryview) -> None:
+        """Body bytes: llhttp finds the end, the bytes go to the client as they came."""
+        left = self.body_left
+        if 0 <= left < len(data):  # llhttp never sees what follows the body
+            data = data[:left]
+            self.stray = True
+        mode = self.mode  # the response may complete in feed_data
+        self.parser.feed_data(data)  # first: nothing after a broken chunk is relayed
+        if mode == _RAW:
+            if left > 0:
+                self.body_left = left - len(data)
+            if data:
+                self.fwd.write(data if isinstance(data, bytes) else bytes(data))
+        elif mode == _WRAP:
+            fwd = self.fwd
+            fwd.write(b"%x\r\n" % len(data))
+            fwd.write(data if isinstance(data, bytes) else bytes(data))
+            fwd.write(_CRLF)
+        # _DECHUNK: llhttp's on_body writes; _NONE: no body
+
+    def _consume(self, data: bytes) -> None:
+        """Response heads: found raw (to rewrite them), checked and framed by llhttp."""
+        pos = 0
+        size = len(data)
+        while pos < size:
+            if not self.in_head:
+                self._body(memoryview(data)[pos:])
+                return
+            hbuf = self.hbuf
+            if hbuf:  # the head started in an earlier read
+                before = len(hbuf)
+                hbuf += memoryview(data)[pos:]
+                end = hbuf.find(b"\r\n\r\n", max(0, before - 3))
+                if end >= 0:
+                    take = end + 4 - before
+                    head = bytes(hbuf[: end + 4])
+                    hbuf.clear()
+            else:
+                start = pos
+                while data.startswith(b"\r\n", start):  # empty lines before a head
+                    start += 2
+                end = data.find(b"\r\n\r\n", start)
+                if end >= 0:
+                    take = end + 4 - pos
+                    head = data[start : end + 4]
+                else:
+                    hbuf += memoryview(data)[start:]
+            if end < 0:
+                if len(hbuf) > self.fwd.max_head:
+                    raise _BadResponse(
+                        "response head too large", "http_response_header_section_size"
+                    )
+                self.parser.feed_data(memoryview(data)[pos:] if pos else data)  # fail early
+                return
+            if len(head) > self.fwd.max_head:
+                raise _BadResponse("response head too large", "http_response_header_section_size")
+            self.raw_head = head
+            try:
+                self.parser.feed_data(
+                    memoryview(data)[pos : pos + take] if pos or take < size else data
+                )
+            except httptools.HttpParserUpgrade:
+                if not self.switching:
+                    raise
+                fwd = self.fwd
+                fwd.ccork = False
+                fwd.flush()
+                fwd.start_tunnel(self, data[pos + take :])
+                return
+            pos += take
+            if self.completed is not None:
+                if pos < size:
+                    self.stray = True  # nothing may follow a response we did not ask for
+                return
+
+    def body(self, body: bytes) -> None:
+        """llhttp's de-chunked body data (HTTP/1.0 clients only)."""
+        if self.mode == _DECHUNK:
+            self.fwd.write(body)
+
+    def message_begin(self) -> None:
+        if self.req is None or self.completed is not None:
+            raise _BadResponse("a response nobody asked for")
+
+    def headers_complete(self) -> None:
+        req = self.req
+        assert req is not None
+        fwd = self.fwd
+        parser = self.parser
+        status = parser.get_status_code()
+        raw = self.raw_head
+        h = response_head(raw, status) if len(raw) <= 4096 else _ResponseHead(raw, status)
+        via = fwd.via10 if h.http10 else fwd.via11
+        if status < 200:
+            self._interim(req, status, h.line, h.block, via)
+            return
+        self.in_head = False
+        self.interim = False
+        req.status = status
+        self.upkeep = parser.should_keep_alive() and not (h.http10 and h.codings)
+        self.close_delimited = False
+        self.body_left = -1
+        extra = b""
+        if req.is_head or status == 204 or status == 304:
+            mode = _NONE
+        elif h.length >= 0:
+            mode = _RAW
+            self.body_left = h.length
+        elif h.chunked:
+            mode = _DECHUNK if req.http10 else _RAW
+            if mode == _RAW:
+                extra = b"Transfer-Encoding: " + h.codings + _CRLF
+        else:  # the body ends when the origin closes
+            self.close_delimited = True
+            mode = _RAW if req.http10 else _WRAP
+            if mode == _WRAP:
+                codings = h.codings + b", chunked" if h.codings else b"chunked"
+                extra = b"Transfer-Encoding: " + codings + _CRLF
+        self.mode = mode
+        keep = req.keep_alive and req.done and not fwd.draining and not fwd.services.draining
+        req.keep = keep
+        head = b"".join(
+            (
+                h.line,
+                h.block,
+                extra,
+                via,
+                b"Connection: keep-alive\r\n\r\n" if keep else b"Connection: close\r\n\r\n",
+            )
+        )
+        req.down_bytes += len(head)
+        fwd.write(head)
+        req.responded = True
+        if req.is_head:  # llhttp would wait for a body: a new parser for the next response
+            self.parser = httptools.HttpResponseParser(self.events)
+            self._done(req)
+
+    def _interim(self, req: _Request, status: int, line: bytes, block: bytes, via: bytes) -> None:
+        """A 1xx response: relayed (not to HTTP/1.0 clients); 101 starts a WebSocket relay."""
+        self.interim = True
+        fwd = self.fwd
+        if status == 101:
+            if not req.websocket:
+                raise _BadResponse("101 Switching Protocols without an upgrade request")
+            req.status = 101
+            req.responded = True
+            self.switching = True
+            head = b"".join((line, block, via, b"Connection: Upgrade\r\n\r\n"))
+        elif req.http10:
+            return
+        else:
+            head = b"".join((line, block, via, _CRLF))
+        req.down_bytes += len(head)
+        fwd.write(head)
+
+    def message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        req = self.req
+        if req is None or self.completed is not None:
+            return
+        self._done(req)
+
+    def _done(self, req: _Request) -> None:
+        """The response is complete (the forwarder acts on it after this read)."""
+        if self.mode == _WRAP:
+            self.fwd.write(b"0\r\n\r\n")
+        self.mode = _NONE
+        self.req = None
+        self.completed = req
+
+    def _broken(self, req: _Request, exc: _BadResponse) -> None:
+        """The origin broke HTTP while answering ``req``."""
+        log.info("http upstream %s:%d: %s", self.host, self.port, exc.reason)
+        if exc.proxy_status == "http_response_header_section_size":
+            self.error = (502, "the destination's response head is too large", exc.proxy_status)
+        else:
+            self.error = (502, "the destination sent an invalid HTTP response", exc.proxy_status)
+        self.req = None
+        self.close(CloseReason.ERROR)
+        self.fwd.upstream_error(self, req, CloseReason.ERROR)
+
+    # -- the origin closing -------------------------------------------------------------
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        fwd = self.fwd
+        if fwd.tunnel is self:
+            fwd.flush()
+            if fwd.client_eof:
+                fwd._close(CloseReason.NORMAL)
+                return False
+            if fwd.transport.can_write_eof():
+                with contextlib.suppress(OSError, RuntimeError):
+                    fwd.transport.write_eof()
+            return True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        fwd = self.fwd
+        reason = CloseReason.RESET if exc is not None else CloseReason.NORMAL
+        req = self.req
+        self._closed(reason)
+        if fwd.tunnel is self:
+            fwd._close(reason, reset_client=exc is not None)
+            return
+        if req is None:
+            return  # idle: nothing lost
+        if self.mode != _NONE and self.close_delimited and exc is None:
+            # the origin's close ends a close-delimited body
+            fwd.ccork = True
+            try:
+                self._done(req)
+            finally:
+                fwd.ccork = False
+            fwd.flush()
+            self.completed = None
+            fwd.finished(self, req, False)
+            return
+        if (
+            not req.responded
+            and self.got == 0
+            and self.served > 1
+            and not req.retried
+            and req.done
+            and req.body_bytes == 0
+            and not req.chunked
+            and req.method in _IDEMPOTENT
+            and not fwd.closed
+            and fwd.queue
+            and fwd.queue[0] is req
+        ):
+            # the origin dropped a kept connection just as we reused it: once more, fresh
+            log.debug("http upstream %s:%d closed a reused connection; retrying", *self.key)
+            req.retried = True
+            req.upstream = None
+            fwd._dispatch(req, fresh=True)
+            return
+        if exc is not None:
+            log.info("http upstream %s:%d reset", self.host, self.port)
+        self.error = (
+            502,
+            "the destination closed the connection before a complete response",
+            "http_response_incomplete",
+        )
+        fwd.upstream_error(self, req, reason)
+
+    def close(self, reason: CloseReason) -> None:
+        """Close this connection (it is then no flow any more)."""
+        if self.closed:
+            return
+        transport = self.transport
+        self._closed(reason)
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        if transport is not None and not transport.is_closing():
+            if reason is CloseReason.RESET:
+                reset(transport)
+            else:
+                transport.close()
+
+    def _closed(self, reason: CloseReason) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        fwd = self.fwd
+        fwd.upstreams.discard(self)
+        if self.idle and fwd.idle.get(self.key) is self:
+            del fwd.idle[self.key]
+        flow = self.flow
+        if flow is not None:
+            fwd.services.flow_closed(flow, reason, time.time())
+            log.debug(
+                "http flow %s:%d -> %s:%d (%s:%d) %s up=%d down=%d",
+                *flow.client,
+                self.host,
+                self.port,
+                *flow.server,
+                reason.value,
+                flow.bytes_up,
+                flow.bytes_down,
+            )
