@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -73,6 +74,9 @@ def _hostport(text: str) -> str:
     return text
 
 
+ADMIN_TOKEN_ENV = "PROXYTAP_ADMIN_TOKEN"
+
+
 def _admin_address(text: str) -> str:
     if text == ADMIN_OFF:
         return text
@@ -135,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--admin-token",
         metavar="TOKEN",
-        help="require 'Authorization: Bearer TOKEN' on the admin API (not on /healthz, /readyz)",
+        help="require 'Authorization: Bearer TOKEN' on the admin API (not on /healthz, "
+        f"/readyz); default: ${ADMIN_TOKEN_ENV} if set (keeps the token out of ps)",
     )
     run.add_argument(
         "--log-flows",
@@ -195,8 +200,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         admin = dataclasses.replace(admin, address=args.admin)
     elif admin.address is None:
         admin = dataclasses.replace(admin, address=DEFAULT_ADMIN)
-    if args.admin_token:
-        admin = dataclasses.replace(admin, token=args.admin_token)
+    token = args.admin_token or (None if admin.token else os.environ.get(ADMIN_TOKEN_ENV))
+    if token:
+        admin = dataclasses.replace(admin, token=token)
     return dataclasses.replace(cfg, log=log, admin=admin).validate()
 
 

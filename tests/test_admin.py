@@ -548,3 +548,42 @@ async def test_run_admin_off(origin: Origin) -> None:
         rc, _ = await _stop(proc)
     assert rc == 0
     assert not any("admin:" in x for x in lines)
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+def test_admin_and_flow_log_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxytap.cli import build_parser, config_from_args
+    from proxytap.config import from_dict
+    from proxytap.errors import ConfigError
+
+    def cfg(*argv: str) -> Config:
+        return config_from_args(build_parser().parse_args(["run", *argv]))
+
+    monkeypatch.delenv("PROXYTAP_ADMIN_TOKEN", raising=False)
+    assert cfg().admin == AdminConfig("127.0.0.1:9090")  # the command line's default
+    assert Config().admin.enabled is False  # an embedded App runs none unless asked
+    assert cfg("--admin", "off").admin.enabled is False
+    got = cfg("--admin", "[::1]:0", "--admin-token", "abc", "--log-flows", "/tmp/f.json")
+    assert (got.admin.host, got.admin.port, got.admin.token) == ("::1", 0, "abc")
+    assert got.log.flows == "/tmp/f.json"
+    monkeypatch.setenv("PROXYTAP_ADMIN_TOKEN", "from-env")
+    assert cfg().admin.token == "from-env"
+    assert cfg("--admin-token", "flag").admin.token == "flag"
+    toml = tmp_path / "c.toml"
+    toml.write_text('[admin]\naddress = "127.0.0.1:9187"\ntoken = "file"\n')
+    assert cfg("--config", str(toml)).admin == AdminConfig("127.0.0.1:9187", "file")
+    with pytest.raises(SystemExit):
+        cfg("--admin", "nowhere")
+    for data, key in (
+        ({"admin": {"address": "nope"}}, "admin.address"),
+        ({"admin": {"token": "has space"}}, "admin.token"),
+        ({"admin": {"bogus": 1}}, "admin.bogus"),
+        ({"log": {"flows": ""}}, "log.flows"),
+        ({"log": {"flows_backups": 0}}, "log.flows_backups"),
+        ({"log": {"flows_max_bytes": -1}}, "log.flows_max_bytes"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            from_dict(data)
+        assert info.value.key == key, data

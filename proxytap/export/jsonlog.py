@@ -213,6 +213,8 @@ class JsonFlowLog:
             self._idle.clear()
             try:
                 error = await asyncio.to_thread(self._write, batch, reopen)
+            except Exception as exc:  # never let the writer die: count and go on
+                error = repr(exc)
             finally:
                 self._idle.set()
             if reopen:
