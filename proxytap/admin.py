@@ -204,11 +204,10 @@ class AdminServer:
 
     def addresses(self) -> list[tuple[str, int]]:
         """Bound (host, port) pairs (the real port when configured with port 0)."""
-        site = self._site
-        server = site._server if site is not None else None
-        if server is None:
+        runner = self._runner
+        if runner is None:
             return []
-        return [(str(s.getsockname()[0]), int(s.getsockname()[1])) for s in server.sockets]  # type: ignore[attr-defined]
+        return [(str(addr[0]), int(addr[1])) for addr in runner.addresses]
 
     # -- middleware ----------------------------------------------------------------
 
