@@ -90,6 +90,8 @@ async def test_run_serves_and_sigterm_drains_then_exits_zero(origin: Origin) -> 
         "127.0.0.1:0",
         "--mixed",
         "127.0.0.1:0",
+        "--admin",
+        "off",
         "--allow-dest",
         "127.0.0.0/8",
         "--connect-ports",

@@ -311,7 +311,7 @@ async def test_scripted_session_exact_counters(
     assert samples(m, "proxytap_downstream_connections_active") == active
     assert samples(m, "proxytap_downstream_rejections", "_total") == {
         lab(rule="auth", reason="bad credentials"): 1,
-        lab(rule="auth", reason="wrong user name or password"): 1,
+        lab(rule="no-blocked", reason="destination denied"): 1,
     }
     assert value(m, "proxytap_downstream_auth_failures", "_total") == 1
     assert samples(m, "proxytap_downstream_protocol_errors", "_total") == zeros(

@@ -195,8 +195,8 @@ class ClientConnection(asyncio.Protocol):
         from proxytap.front.http_forward import HttpForwarder
 
         assert self.transport is not None and self.conn is not None
-        self._handed_over()
         self.conn.protocol = "http-forward"
+        self._handed_over()
         forwarder = HttpForwarder(self.services, self.conn, self.transport)
         self.transport.set_protocol(forwarder)
         forwarder.start(bytes(self.buf))
@@ -232,13 +232,13 @@ class ClientConnection(asyncio.Protocol):
         except ProtocolError as exc:
             self._auth_failed(None)
             if exc.status == 407:
-                self._deny("auth", exc.reason, status=407, realm=realm)
+                self._deny("auth", exc.reason, status=407, realm=realm, count=False)
             else:
                 self._refuse(exc)
             return None
         if not await auth.check(user, password):
             self._auth_failed(user)
-            self._deny("auth", "wrong user name or password", status=407, realm=realm)
+            self._deny("auth", "wrong user name or password", status=407, realm=realm, count=False)
             return None
         return user
 
@@ -257,6 +257,7 @@ class ClientConnection(asyncio.Protocol):
                 conn.user = user
             verdict = services.destinations.check_connect_port(port)
             if not verdict.allowed:
+                services.refused(verdict.rule, "connect port denied")
                 self._connect_failed(host, port, Failure.DENIED, f"rule {verdict.rule}")
                 return
         try:
@@ -380,11 +381,21 @@ class ClientConnection(asyncio.Protocol):
         log.info("client %s:%d authentication failed (user %r)", *self.conn.client, user)
 
     def _deny(
-        self, rule: str, reason: str, *, status: int | None = None, realm: str | None = None
+        self,
+        rule: str,
+        reason: str,
+        *,
+        status: int | None = None,
+        realm: str | None = None,
+        count: bool = True,
     ) -> None:
-        """A policy refusal: 403/407/503 for HTTP, 0x02 (0x01 for limits) / 0x5B for SOCKS."""
+        """A policy refusal: 403/407/503 for HTTP, 0x02 (0x01 for limits) / 0x5B for SOCKS.
+
+        ``count=False`` when the caller has counted the refusal already.
+        """
         assert self.transport is not None and self.conn is not None
-        self.services.refused(rule, reason)
+        if count:
+            self.services.refused(rule, reason)
         limit = rule.startswith("max-connections")
         if self.socks is not None:
             self.transport.write(self.socks.reply(0x01 if limit else 0x02))

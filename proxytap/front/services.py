@@ -119,13 +119,16 @@ class Services:
         if decision is not None and not decision.allowed:
             failure = decision.failure or Failure.DENIED
             self.stats.connect_errors[failure.value] += 1
+            self.refused(decision.rule, "destination denied")
             raise UpstreamError(failure, f"rule {decision.rule}")
         policy = self.destinations
+        denied_by: list[str] = []
 
         def check(addr: AddrInfo) -> tuple[Failure, str] | None:
             verdict = policy.check_address(addr[1][0], port, host, user)
             if verdict.allowed:
                 return None
+            denied_by.append(verdict.rule)
             return verdict.failure or Failure.PROHIBITED, f"rule {verdict.rule} ({addr[1][0]})"
 
         cfg = self.config
@@ -143,6 +146,8 @@ class Services:
             )
         except UpstreamError as exc:
             self.stats.connect_errors[exc.failure.value] += 1
+            if exc.failure is Failure.PROHIBITED and denied_by:
+                self.refused(denied_by[0], "destination denied")
             raise
         self.stats.connect_seconds.observe(time.monotonic() - started)
         return sock
