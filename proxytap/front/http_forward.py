@@ -22,23 +22,32 @@ Decisions
     * Limits: the request line (``limits.max_request_line``, 414) and the head
       (``limits.max_head``, 431) are counted while llhttp parses; a response
       head over ``max_head`` is a 502.
+    * Policy: ``Services.connect`` judges every destination (name, then each
+      address) with the connection's user. With authentication configured,
+      every request needs ``Proxy-Authorization`` (407 and a challenge
+      otherwise); a value verified once on a connection is not checked again.
     * Rewriting: the request goes upstream as ``METHOD origin-form HTTP/1.1``
       with ``Host`` first, taken from the URL (RFC 9112 section 3.2.2: the URI
       wins over a disagreeing Host field), hop-by-hop fields removed both ways
       (``proxytap.policy.hopbyhop``), ``Via`` added both ways; ``Connection``
       towards the client is ours (keep-alive or close).
-    * Framing: bodies stream; nothing is held whole. Content-Length bodies go
-      through byte for byte. llhttp hands over chunked bodies de-chunked, so
+    * Request bodies stream; nothing is held whole. Content-Length bodies go
+      through byte for byte; llhttp hands over chunked bodies de-chunked, so
       they are chunked again (same transfer codings, chunk sizes as read,
-      trailers kept). A response with neither length nor chunking (read until
-      the origin closes) is chunked for an HTTP/1.1 client, so the client
-      connection stays open and a truncated body is visible as one; an
-      HTTP/1.0 client gets it close-delimited, and the connection closes.
+      trailers kept).
+    * Responses: the head is located raw (``\r\n\r\n``) and llhttp parses just
+      that; the head is rewritten from the raw bytes (cached: an origin sends
+      the same heads again and again). The body then goes through llhttp, which
+      finds its end, and on to the client exactly as it came: Content-Length
+      bodies (never a byte past the length), and chunked bodies for HTTP/1.1
+      clients, extensions and trailers included. A body that ends when the
+      origin closes is chunked for an HTTP/1.1 client, so the client connection
+      stays open and a truncated body shows; an HTTP/1.0 client gets it as it
+      is (and chunked ones de-chunked), and its connection closes.
     * HEAD: llhttp cannot be told that a response has no body (httptools
-      exposes no "skip body"), so for a HEAD request the forwarder feeds the
-      parser only up to the end of each response head (``\\r\\n\\r\\n``) and
-      starts a fresh parser after the final one. 204, 304 and 1xx have no body
-      in llhttp already.
+      exposes no "skip body"); since the forwarder feeds it heads separately,
+      after the final head of a HEAD response it simply takes a new parser.
+      204, 304 and 1xx have no body in llhttp already.
     * 1xx: interim responses (100 Continue, 103) are relayed to HTTP/1.1
       clients and dropped for HTTP/1.0 ones (RFC 9110 section 15.2); the final
       response follows. ``Expect`` is forwarded end to end (dropped for 1.0).
@@ -47,14 +56,16 @@ Decisions
       persistent connection with an HTTP/1.0 client).
     * A response that starts before its request is complete (an early error,
       a refused 100-continue) says ``Connection: close``; after it both the
-      client connection and that upstream connection close.
-    * Pipelining: requests are answered in order, one at a time. While a
-      response is outstanding the client is not read; requests already read
-      wait in a queue (never more than one read's worth).
+      client connection and that upstream connection close. Bytes after a
+      complete response end that upstream connection (nothing is smuggled).
+    * Pipelining: requests are answered in order, one at a time. Once a
+      request beyond the one being answered has been read, the client is no
+      longer read; what was read waits (never more than one read's worth).
     * WebSocket: ``Upgrade: websocket`` + ``Connection: upgrade`` is forwarded
       with both; on 101 the 101 is relayed and the connection becomes a raw
-      relay both ways (still the same flow, still tapped). Other upgrades
-      (h2c) are forwarded without ``Upgrade``.
+      relay both ways (still the same flow, still tapped). Client bytes sent
+      before the 101 are held, not parsed. Other upgrades (h2c) are forwarded
+      without ``Upgrade``.
     * Errors: connect failures answer ``Failure.http_status`` with its
       ``Proxy-Status`` type; an origin that closes or resets before a final
       response head gives 502 ``http_response_incomplete``; an invalid
@@ -70,9 +81,11 @@ Decisions
     * Backpressure: a transport whose write buffer passes
       ``limits.write_buffer_high`` pauses reading on the transport that feeds
       it, both ways.
+    * Logs: one line per request on the ``proxytap.access`` logger (method,
+      host, path without query, status, bytes); raise its level to silence it.
     * Performance: protocol callbacks only; a task exists only while a new
-      upstream connection is being made. Writes made while one read is parsed
-      are joined and written once per read (head and body in one send).
+      upstream connection is made (or credentials are first checked). Writes
+      made while one read is handled are joined and written once.
 """
 
 from __future__ import annotations
@@ -132,6 +145,10 @@ _HOP: Final = frozenset(
 )
 _WATCH: Final = _HOP | {b"host", b"content-length", b"expect"}
 _CONTENT_LENGTH: Final = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)", re.IGNORECASE)
+
+# stats.http_responses keys: (status class, who answered)
+_ORIGIN_KEYS: Final = {c: (f"{c}xx", "origin") for c in range(10)}
+_PROXY_KEYS: Final = {c: (f"{c}xx", "proxy") for c in range(10)}
 
 # how a response body goes to the client
 _NONE: Final = 0  # no body
@@ -535,8 +552,6 @@ class HttpForwarder(asyncio.Protocol):
                 te.append(value)
         if hosts > 1:
             raise _refusal("more than one Host header field")
-        if self.services.auth is not None:
-            self._check_credentials(req)
         if self.hop_seen:
             req.websocket = parser.should_upgrade() and is_websocket_upgrade(headers)
             headers = strip_hop_by_hop(headers, keep_upgrade=req.websocket)
@@ -559,6 +574,8 @@ class HttpForwarder(asyncio.Protocol):
             out.append(b"Connection: Upgrade\r\n")
         out += (self.via10 if http10 else self.via11, _CRLF)
         req.head = b"".join(out)
+        if self.services.auth is not None:
+            self._check_credentials(req)
         return req
 
     def _check_credentials(self, req: _Request) -> None:
@@ -701,8 +718,10 @@ class HttpForwarder(asyncio.Protocol):
             queue = self.queue
             if not queue:
                 want = True
-            elif len(queue) > 1 or self.in_head or self.held:
-                want = False  # a pipelined request waits, read but not started: read no more
+            elif len(queue) > 1 or self.in_head or self.held or queue[0].websocket:
+                # a pipelined request waits, read but not started, or what follows a
+                # WebSocket handshake is not HTTP: read no more until it is answered
+                want = False
             else:
                 req = queue[0]
                 up = req.upstream
@@ -811,6 +830,7 @@ class HttpForwarder(asyncio.Protocol):
         if self.closed or self.lingering:
             return
         self.flush()
+        self.services.stats.http_responses[_PROXY_KEYS[status // 100]] += 1
         extra = []
         if status == 407:
             extra.append(proxy_authenticate_header(self.services.config.auth.realm))
@@ -1172,7 +1192,7 @@ class _Upstream(asyncio.Protocol):
                 self.upkeep and done.done and not self.close_delimited and not self.stray,
             )
 
-    def _body(self, data: bytes | memoryview) -> None:
+    def _body(self, data: bytes) -> None:
         """Body bytes: llhttp finds the end, the bytes go to the client as they came."""
         left = self.body_left
         if 0 <= left < len(data):  # llhttp never sees what follows the body
@@ -1184,11 +1204,11 @@ class _Upstream(asyncio.Protocol):
             if left > 0:
                 self.body_left = left - len(data)
             if data:
-                self.fwd.write(data if isinstance(data, bytes) else bytes(data))
+                self.fwd.write(data)
         elif mode == _WRAP:
             fwd = self.fwd
             fwd.write(b"%x\r\n" % len(data))
-            fwd.write(data if isinstance(data, bytes) else bytes(data))
+            fwd.write(data)
             fwd.write(_CRLF)
         # _DECHUNK: llhttp's on_body writes; _NONE: no body
 
@@ -1196,14 +1216,15 @@ class _Upstream(asyncio.Protocol):
         """Response heads: found raw (to rewrite them), checked and framed by llhttp."""
         pos = 0
         size = len(data)
+        max_head = self.fwd.max_head
         while pos < size:
             if not self.in_head:
-                self._body(memoryview(data)[pos:])
+                self._body(data[pos:])  # a copy of what follows a head, once
                 return
             hbuf = self.hbuf
             if hbuf:  # the head started in an earlier read
                 before = len(hbuf)
-                hbuf += memoryview(data)[pos:]
+                hbuf += data[pos:] if pos else data
                 end = hbuf.find(b"\r\n\r\n", max(0, before - 3))
                 if end >= 0:
                     take = end + 4 - before
@@ -1218,21 +1239,19 @@ class _Upstream(asyncio.Protocol):
                     take = end + 4 - pos
                     head = data[start : end + 4]
                 else:
-                    hbuf += memoryview(data)[start:]
+                    hbuf += data[start:]
             if end < 0:
-                if len(hbuf) > self.fwd.max_head:
+                if len(hbuf) > max_head:
                     raise _BadResponse(
                         "response head too large", "http_response_header_section_size"
                     )
-                self.parser.feed_data(memoryview(data)[pos:] if pos else data)  # fail early
+                self.parser.feed_data(data[pos:] if pos else data)  # fails early on garbage
                 return
-            if len(head) > self.fwd.max_head:
+            if len(head) > max_head:
                 raise _BadResponse("response head too large", "http_response_header_section_size")
             self.raw_head = head
             try:
-                self.parser.feed_data(
-                    memoryview(data)[pos : pos + take] if pos or take < size else data
-                )
+                self.parser.feed_data(data[pos : pos + take] if pos or take < size else data)
             except httptools.HttpParserUpgrade:
                 if not self.switching:
                     raise
@@ -1271,6 +1290,7 @@ class _Upstream(asyncio.Protocol):
         self.in_head = False
         self.interim = False
         req.status = status
+        fwd.services.stats.http_responses[_ORIGIN_KEYS[status // 100]] += 1
         self.upkeep = parser.should_keep_alive() and not (h.http10 and h.codings)
         self.close_delimited = False
         self.body_left = -1
@@ -1319,6 +1339,7 @@ class _Upstream(asyncio.Protocol):
             req.status = 101
             req.responded = True
             self.switching = True
+            fwd.services.stats.http_responses[_ORIGIN_KEYS[1]] += 1
             head = b"".join((line, block, via, b"Connection: Upgrade\r\n\r\n"))
         elif req.http10:
             return

@@ -151,7 +151,7 @@ def _line_pattern(names: frozenset[bytes]) -> re.Pattern[bytes]:
 
 _HOP_LINES = _line_pattern(_BYTES.hop)
 _HOP_LINES_KEEP_UPGRADE = _line_pattern(_BYTES.hop - {b"upgrade"})
-_PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"upgrade"))  # name no other field
+_PLAIN_CONNECTION = frozenset((b"keep-alive", b"upgrade"))  # hop-by-hop names themselves
 _listed_lines = functools.lru_cache(maxsize=256)(_line_pattern)
 
 

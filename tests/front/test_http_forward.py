@@ -1114,3 +1114,69 @@ async def test_destination_policy_and_dns_errors(start_proxy: ProxyFactory) -> N
     # loopback is not a destination by default (an open proxy into the host)
     got = await exchange(proxy, b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: x\r\n\r\n")
     assert got.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+
+
+# -- WebSocket handshakes, raw ---------------------------------------------------------------
+
+WS_HEAD = (
+    b"GET http://127.0.0.1:%d/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+    b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+    b"Sec-WebSocket-Key: a2V5a2V5a2V5a2V5a2V5a2V5\r\n\r\n"
+)
+
+
+async def test_websocket_tunnel_bytes_exact(proxy: RunningProxy, raw_server: ProxyFactory) -> None:
+    received = bytearray()
+    sent = bytearray()
+
+    async def ws(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        received.extend(head)
+        answer = (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: x\r\n\r\nserver-first"
+        )
+        writer.write(answer)
+        sent.extend(answer)
+        for _ in range(2):
+            data = await reader.readexactly(5)
+            received.extend(data)
+            writer.write(data)
+            sent.extend(data)
+            await writer.drain()
+
+    server: RawServer = await raw_server(ws)
+    reader, writer = await client(proxy)
+    writer.write(WS_HEAD % server.port + b"early")  # sent before the 101: held, then relayed
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head == (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: x\r\n"
+        + VIA
+        + b"Connection: Upgrade\r\n\r\n"
+    )
+    assert await reader.readexactly(12) == b"server-first"
+    assert await reader.readexactly(5) == b"early"
+    writer.write(b"later")
+    assert await reader.readexactly(5) == b"later"
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # the origin closed: so do we
+    writer.close()
+    assert received.startswith(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % server.port)
+    assert b"\r\nConnection: Upgrade\r\nVia: 1.1 proxytap\r\n\r\nearlylater" in received
+    await proxy.recorder.wait_destroyed(1)
+    (flow,) = proxy.recorder.flows()
+    assert proxy.recorder.data(flow, UP) == bytes(received)
+    assert proxy.recorder.data(flow, DOWN) == bytes(sent)
+
+
+async def test_websocket_refused_by_origin(proxy: RunningProxy, raw_server: ProxyFactory) -> None:
+    script, server = await start_script(
+        raw_server, b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno", ok(b"next")
+    )
+    reader, writer = await client(proxy)
+    writer.write(WS_HEAD % server.port)
+    resp = await read_message(reader)
+    assert resp.status == 403 and resp.body == b"no"
+    writer.write(b"GET http://127.0.0.1:%d/next HTTP/1.1\r\nHost: x\r\n\r\n" % server.port)
+    assert (await read_message(reader)).body == b"next"
+    assert script.connections == 1
+    writer.close()

@@ -63,6 +63,12 @@ STRIP_CASES: list[tuple[str, H, bool, H]] = [
         [],
     ),
     (
+        "a field named after a connection option goes (RFC 9110 section 7.6.1)",
+        [("Close", "x"), ("Connection", "close"), ("X", "y")],
+        False,
+        [("X", "y")],
+    ),
+    (
         "Connection cannot remove framing or routing",
         [("Connection", "Content-Length, Host"), ("Host", "h"), ("Content-Length", "3")],
         False,
