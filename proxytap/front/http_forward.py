@@ -519,6 +519,8 @@ class HttpForwarder(asyncio.Protocol):
                 last += (name, b": ", value, _CRLF)
             last.append(_CRLF)
             self._send_up(req, b"".join(last))
+        if self.trailers:
+            self.trailers = []
         req.done = True
         self.parsing = None
 
@@ -929,7 +931,7 @@ class HttpForwarder(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         for up in list(self.upstreams):
-            up.close(reason)
+            up.close(reason if up.req is not None else CloseReason.NORMAL)  # idle ones: NORMAL
         self.idle.clear()
         self.queue.clear()
         self.services.table.close_connection(self.conn)

@@ -580,6 +580,13 @@ async def test_chunked_trailers_and_sizes_relayed(
         b"2\r\nxy\r\n0\r\nX-Up: 1\r\n\r\n" % server.port
     )
     resp = await read_message(reader)
+    # the next chunked request has no trailers: none of the first one's either
+    writer.write(
+        b"POST http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\n" % server.port
+    )
+    await read_message(reader)
+    assert script.requests[1].raw.endswith(b"\r\n\r\n0\r\n\r\n")
     # to an HTTP/1.1 client the chunked body goes as it came: extensions, sizes, trailers
     assert resp.raw == (
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n%bConnection: keep-alive\r\n\r\n"
@@ -1179,4 +1186,19 @@ async def test_websocket_refused_by_origin(proxy: RunningProxy, raw_server: Prox
     writer.write(b"GET http://127.0.0.1:%d/next HTTP/1.1\r\nHost: x\r\n\r\n" % server.port)
     assert (await read_message(reader)).body == b"next"
     assert script.connections == 1
+    writer.close()
+
+
+async def test_pipelined_requests_with_bodies(proxy: RunningProxy, origin: Origin) -> None:
+    reader, writer = await client(proxy)
+    url = f"{origin.url}/upload".encode()
+    writer.write(
+        b"POST %b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+        b"POST %b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        b"GET %b/hello HTTP/1.1\r\nHost: x\r\n\r\n" % (url, url, origin.url.encode())
+    )
+    first, second, third = [await read_message(reader) for _ in range(3)]
+    assert first.body.decode() == f"5 {hashlib.sha256(b'hello').hexdigest()}"
+    assert second.body.decode() == f"3 {hashlib.sha256(b'abc').hexdigest()}"
+    assert third.body == b"hello GET /hello"
     writer.close()
