@@ -38,7 +38,6 @@ from tests.export.sftap_helpers import TapReader, check_stream, short_tmp, wait_
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
-HTTP_FORWARD = ROOT / "proxytap" / "front" / "http_forward.py"
 
 LISTENERS = (
     ListenerConfig(kind="http", address="127.0.0.1:0", name="http"),
@@ -425,31 +424,6 @@ async def test_live_tunnels_are_active_gauges(
 # == plain HTTP: needs two lines in proxytap/front/http_forward.py ==========================
 
 
-def _plain_http_missing() -> list[str]:
-    """The counting hooks the plain-HTTP path does not have yet (see the hand-over notes).
-
-    ``http_forward.py`` must end flows through ``Services.flow_closed`` and count
-    each response in ``stats.http_responses``; ``handshake.py`` must set
-    ``conn.protocol = "http-forward"`` before ``_handed_over()`` counts the connection.
-    """
-    missing = []
-    forward = HTTP_FORWARD.read_text()
-    if "services.flow_closed(" not in forward:
-        missing.append("http_forward: services.flow_closed")
-    if "stats.http_responses[" not in forward:
-        missing.append("http_forward: stats.http_responses")
-    handshake = (ROOT / "proxytap" / "front" / "handshake.py").read_text()
-    body = handshake[handshake.index("def _forward(") :]
-    if body.index('self.conn.protocol = "http-forward"') > body.index("self._handed_over()"):
-        missing.append("handshake: protocol set after _handed_over")
-    return missing
-
-
-@pytest.mark.xfail(
-    bool(_plain_http_missing()),
-    reason=f"plain-HTTP counting hooks missing: {_plain_http_missing()}",
-    strict=True,
-)
 async def test_plain_http_counters_exact(
     start_proxy: ProxyFactory, recording_origin: RecordingOrigin
 ) -> None:
