@@ -13,6 +13,7 @@ one exists per live connection.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import secrets
 from collections.abc import Iterator
@@ -46,12 +47,15 @@ def endpoint(sockaddr: tuple[object, ...]) -> Endpoint:
 
     IPv4-mapped IPv6 addresses (from a dual-stack listener) become IPv4.
     """
-    host = str(sockaddr[0])
-    port = int(sockaddr[1])  # type: ignore[call-overload]
+    return (_address_text(str(sockaddr[0])), int(sockaddr[1]))  # type: ignore[call-overload]
+
+
+@functools.lru_cache(maxsize=8192)
+def _address_text(host: str) -> str:
     ip = ipaddress.ip_address(host.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return (str(ip), port)
+    return str(ip)
 
 
 class Connection:

@@ -261,17 +261,15 @@ class ClientConnection(asyncio.Protocol):
                 self._connect_failed(host, port, Failure.DENIED, f"rule {verdict.rule}")
                 return
         try:
-            sock = await services.connect(host, port, conn.user)
+            server, pending = await services.open(host, port, conn.user, PendingUpstream)
         except UpstreamError as exc:
             self._connect_failed(host, port, exc.failure, exc.detail)
             return
-        loop = asyncio.get_running_loop()
         try:
-            server, pending = await loop.create_connection(PendingUpstream, sock=sock)
             peer = endpoint(server.get_extra_info("peername"))
             local = endpoint(server.get_extra_info("sockname"))
         except (OSError, TypeError, ValueError) as exc:
-            sock.close()
+            server.close()
             self._connect_failed(host, port, classify_os_error(exc), repr(exc))
             return
         if self.done or client.is_closing():

@@ -50,7 +50,13 @@ def sni_mismatch(requested_host: str, sni: str | None) -> bool:
 
 
 class HelloInspector(asyncio.Protocol):
-    """The client transport's protocol until the first bytes are judged."""
+    """The client transport's protocol until the first bytes are judged.
+
+    With ``sni_mismatch = "deny"`` the bytes are held until the verdict (at most
+    one ClientHello, bounded by the reader, or ``timeout`` seconds). Otherwise
+    every chunk goes on to the relay at once and the reader only looks at it,
+    so "allow" and "log" add no latency and need no timer.
+    """
 
     def __init__(
         self,
@@ -60,34 +66,36 @@ class HelloInspector(asyncio.Protocol):
         on_mismatch: Callable[[ClientHello], None],
     ) -> None:
         self.relay = relay
-        self.mode = mode
+        self.hold = mode == "deny"
         self.reader = ClientHelloReader()
-        self.held = bytearray()
-        self.fed = 0  # how much of ``held`` the hello reader has seen
+        self.seen = bytearray()  # the first bytes, until the verdict
+        self.fed = 0  # how much of ``seen`` the hello reader has had
         self.on_mismatch = on_mismatch
         self.decided = False
-        self.timer = asyncio.get_running_loop().call_later(timeout, self._timeout)
+        self.timer = (
+            asyncio.get_running_loop().call_later(timeout, self._timeout) if self.hold else None
+        )
 
     def data_received(self, data: bytes) -> None:
         if self.decided:  # only after a deny: the relay is closing
             return
-        self.held += data
-        verdict = is_tls_handshake(bytes(self.held[:3]))
+        if not self.hold:
+            self.relay.up.data_received(data)
+        self.seen += data
+        verdict = is_tls_handshake(bytes(self.seen[:3]))
         if verdict is None:
             return
-        hello: ClientHello | None = None
-        if verdict:
-            try:
-                hello = self.reader.feed(bytes(self.held[self.fed :]))
-                self.fed = len(self.held)
-            except ProtocolError as exc:
-                self._not_a_hello(exc.reason)
-                return
-            if hello is None:
-                return
-            self._judge(hello)
-        else:
+        if not verdict:
             self._release()
+            return
+        try:
+            hello = self.reader.feed(bytes(self.seen[self.fed :]))
+        except ProtocolError as exc:
+            self._not_a_hello(exc.reason)
+            return
+        self.fed = len(self.seen)
+        if hello is not None:
+            self._judge(hello)
 
     def eof_received(self) -> bool | None:
         self._release()
@@ -113,42 +121,46 @@ class HelloInspector(asyncio.Protocol):
         flow.alpn = ",".join(hello.alpn) or None
         if sni_mismatch(flow.requested_host, hello.sni):
             self.on_mismatch(hello)
-            if self.mode == "deny":
-                self.decided = True
-                self.timer.cancel()
-                self.relay.finish(CloseReason.ERROR)
+            if self.hold:
+                self._close()
                 return
         self._release()
 
     def _not_a_hello(self, reason: str) -> None:
-        if self.mode == "deny":
+        if self.hold:
+            flow = self.relay.flow
             log.warning(
                 "tunnel %s:%d -> %s:%d closed: malformed TLS ClientHello (%s)",
-                *self.relay.flow.client,
-                self.relay.flow.requested_host,
-                self.relay.flow.requested_port,
+                *flow.client,
+                flow.requested_host,
+                flow.requested_port,
                 reason,
             )
-            self.decided = True
-            self.timer.cancel()
-            self.relay.finish(CloseReason.ERROR)
+            self._close()
             return
         self._release()
+
+    def _close(self) -> None:
+        self.decided = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self.relay.finish(CloseReason.ERROR)
 
     def _timeout(self) -> None:
         if not self.decided and not self.relay.closed:
             self._release()
 
     def _release(self) -> None:
-        """Hand the client transport and what it sent so far to the relay."""
+        """Hand the client transport (and, when holding, what it sent) to the relay."""
         if self.decided:
             return
         self.decided = True
-        self.timer.cancel()
+        if self.timer is not None:
+            self.timer.cancel()
         relay = self.relay
         if relay.closed:
             return
         relay.up.rx.set_protocol(relay.up)
-        if self.held:
-            relay.up.data_received(bytes(self.held))
-            self.held.clear()
+        if self.hold and self.seen:
+            relay.up.data_received(bytes(self.seen))
+        self.seen = bytearray()

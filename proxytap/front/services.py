@@ -6,7 +6,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -20,6 +20,7 @@ from proxytap.front.upstream import (
     AddrInfo,
     Connector,
     Resolver,
+    SockAddr,
     SocketConnector,
     SystemResolver,
     open_upstream,
@@ -110,11 +111,36 @@ class Services:
         return None
 
     async def connect(self, host: str, port: int, user: str | None = None) -> socket.socket:
-        """Policy, then resolve and connect; ``UpstreamError`` names the failure.
+        """Policy, then resolve and connect: a connected socket (see ``open``)."""
+        connector = self.connector
+        return await self._upstream(host, port, user, connector.connect, socket.socket.close)
+
+    async def open[P: asyncio.BaseProtocol](
+        self, host: str, port: int, user: str | None, factory: Callable[[], P]
+    ) -> tuple[asyncio.Transport, P]:
+        """Policy, then resolve and connect: a transport driven by ``factory()``.
 
         The name is judged before any lookup, every resolved address right
-        before it would be contacted (a denied address is never sent a packet).
+        before it would be contacted (a denied address is never sent a
+        packet). ``UpstreamError`` names the failure.
         """
+
+        def attempt(family: int, sockaddr: SockAddr) -> Awaitable[tuple[asyncio.Transport, P]]:
+            return self.connector.open(family, sockaddr, factory)
+
+        def discard(made: tuple[asyncio.Transport, P]) -> None:
+            made[0].close()
+
+        return await self._upstream(host, port, user, attempt, discard)
+
+    async def _upstream[T](
+        self,
+        host: str,
+        port: int,
+        user: str | None,
+        attempt: Callable[[int, SockAddr], Awaitable[T]],
+        discard: Callable[[T], None],
+    ) -> T:
         decision = self.destinations.check_name(host, port, user)
         if decision is not None and not decision.allowed:
             failure = decision.failure or Failure.DENIED
@@ -134,11 +160,12 @@ class Services:
         cfg = self.config
         started = time.monotonic()
         try:
-            sock = await open_upstream(
+            made = await open_upstream(
                 host,
                 port,
                 resolver=self.resolver,
-                connector=self.connector,
+                attempt=attempt,
+                discard=discard,
                 timeout=cfg.timeouts.connect,
                 delay=cfg.upstream.happy_eyeballs_delay,
                 prefer=cfg.upstream.prefer,
@@ -150,4 +177,4 @@ class Services:
                 self.refused(denied_by[0], "destination denied")
             raise
         self.stats.connect_seconds.observe(time.monotonic() - started)
-        return sock
+        return made

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from proxytap.errors import Failure, UpstreamError, classify_os_error
@@ -30,6 +31,10 @@ class Resolver(Protocol):
 
 class Connector(Protocol):
     async def connect(self, family: int, sockaddr: SockAddr) -> socket.socket: ...
+
+    async def open[P: asyncio.BaseProtocol](
+        self, family: int, sockaddr: SockAddr, factory: Callable[[], P]
+    ) -> tuple[asyncio.Transport, P]: ...
 
 
 class SystemResolver:
@@ -50,7 +55,30 @@ class SystemResolver:
 
 
 class SocketConnector:
-    """A non-blocking TCP socket connected with ``loop.sock_connect``."""
+    """TCP connections: ``open`` gives a transport, ``connect`` a bare socket.
+
+    ``open`` lets the event loop create, connect and wrap the socket in one
+    call (in C on uvloop: the connect path of every tunnel). A subclass that
+    replaces ``connect`` (tests inject refusals and hangs that way) is used by
+    ``open`` too.
+    """
+
+    async def open[P: asyncio.BaseProtocol](
+        self, family: int, sockaddr: SockAddr, factory: Callable[[], P]
+    ) -> tuple[asyncio.Transport, P]:
+        loop = asyncio.get_running_loop()
+        if type(self).connect is SocketConnector.connect:
+            transport, protocol = await loop.create_connection(
+                factory, sockaddr[0], sockaddr[1], family=family
+            )
+        else:
+            sock = await self.connect(family, sockaddr)
+            try:
+                transport, protocol = await loop.create_connection(factory, sock=sock)
+            except BaseException:
+                sock.close()
+                raise
+        return transport, protocol
 
     async def connect(self, family: int, sockaddr: SockAddr) -> socket.socket:
         loop = asyncio.get_running_loop()
@@ -67,13 +95,20 @@ class SocketConnector:
 
 def literal_address(host: str, port: int) -> list[AddrInfo] | None:
     """Addresses for an IP literal host, or None when ``host`` is a name."""
+    ip = _literal(host)
+    if ip is None:
+        return None
+    if ":" not in ip:
+        return [(socket.AF_INET, (ip, port))]
+    return [(socket.AF_INET6, (ip, port, 0, 0))]
+
+
+@functools.lru_cache(maxsize=8192)
+def _literal(host: str) -> str | None:
     try:
-        ip = ipaddress.ip_address(host)
+        return str(ipaddress.ip_address(host))
     except ValueError:
         return None
-    if ip.version == 4:
-        return [(socket.AF_INET, (str(ip), port))]
-    return [(socket.AF_INET6, (str(ip), port, 0, 0))]
 
 
 def interleave(addrs: Sequence[AddrInfo], prefer: str = "any") -> list[AddrInfo]:
@@ -96,59 +131,73 @@ def interleave(addrs: Sequence[AddrInfo], prefer: str = "any") -> list[AddrInfo]
     return out
 
 
-async def _happy_eyeballs(
-    addrs: Sequence[AddrInfo], connector: Connector, delay: float
-) -> socket.socket:
-    """Start one attempt, then the next after ``delay`` or when one fails; first wins."""
+async def _happy_eyeballs[T](
+    addrs: Sequence[AddrInfo],
+    attempt: Callable[[int, SockAddr], Awaitable[T]],
+    discard: Callable[[T], None],
+    delay: float,
+) -> T:
+    """Start one attempt, then the next after ``delay`` or when one fails; first wins.
+
+    ``attempt`` connects to one address; ``discard`` closes what a losing
+    attempt produced.
+    """
+    if len(addrs) == 1:  # the common case (an IP literal, a name with one address)
+        try:
+            return await attempt(*addrs[0])
+        except OSError as only:
+            raise UpstreamError(classify_os_error(only), repr(only)) from None
     errors: list[BaseException] = []
-    pending: set[asyncio.Task[socket.socket]] = set()
-    winner: socket.socket | None = None
+    pending: set[asyncio.Future[T]] = set()
+    winner: list[T] = []
     queue = list(addrs)
     try:
-        while (queue or pending) and winner is None:
+        while (queue or pending) and not winner:
             if queue:
                 family, sockaddr = queue.pop(0)
-                pending.add(asyncio.ensure_future(connector.connect(family, sockaddr)))
+                pending.add(asyncio.ensure_future(attempt(family, sockaddr)))
             done, _ = await asyncio.wait(
                 pending, timeout=delay if queue else None, return_when=asyncio.FIRST_COMPLETED
             )
             for task in done:
                 pending.discard(task)
-                exc = task.exception()
-                if exc is not None:
-                    errors.append(exc)
-                elif winner is None:
-                    winner = task.result()
+                failed = task.exception()
+                if failed is not None:
+                    errors.append(failed)
+                elif not winner:
+                    winner.append(task.result())
                 else:
-                    task.result().close()
+                    discard(task.result())
     finally:
         for task in pending:
             task.cancel()
         for task in pending:
             with contextlib.suppress(BaseException):
-                (await task).close()
-    if winner is not None:
-        return winner
-    exc = errors[0] if errors else OSError("no address to connect to")
-    raise UpstreamError(classify_os_error(exc), repr(exc))
+                discard(await task)
+    if winner:
+        return winner[0]
+    first = errors[0] if errors else OSError("no address to connect to")
+    raise UpstreamError(classify_os_error(first), repr(first))
 
 
-async def open_upstream(
+async def open_upstream[T](
     host: str,
     port: int,
     *,
     resolver: Resolver,
-    connector: Connector,
+    attempt: Callable[[int, SockAddr], Awaitable[T]],
+    discard: Callable[[T], None],
     timeout: float,
     delay: float = 0.25,
     prefer: str = "any",
     check: Callable[[AddrInfo], tuple[Failure, str] | None] | None = None,
-) -> socket.socket:
-    """Resolve ``host`` and connect to it within ``timeout`` seconds; a connected socket.
+) -> T:
+    """Resolve ``host`` and connect to it within ``timeout`` seconds.
 
-    ``check`` may veto an address (returning the ``Failure`` to report and a
-    detail for the log); vetoed addresses are never contacted. Raises
-    ``UpstreamError``.
+    ``attempt(family, sockaddr)`` makes one connection (a socket, or a
+    transport and protocol), ``discard`` closes a losing one. ``check`` may
+    veto an address (returning the ``Failure`` to report and a detail for the
+    log); vetoed addresses are never contacted. Raises ``UpstreamError``.
     """
     phase = "connect"
     try:
@@ -181,7 +230,7 @@ async def open_upstream(
                     assert veto is not None
                     raise UpstreamError(*veto)
                 addrs = allowed
-            return await _happy_eyeballs(interleave(addrs, prefer), connector, delay)
+            return await _happy_eyeballs(interleave(addrs, prefer), attempt, discard, delay)
     except TimeoutError:
         failure = Failure.DNS_TIMEOUT if phase == "dns" else Failure.TIMEOUT
         raise UpstreamError(failure, f"{phase} for {host}:{port} over {timeout}s") from None

@@ -78,6 +78,7 @@ errors raise ``ConfigError`` naming the key.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
@@ -125,11 +126,14 @@ class Decision:
 # -- addresses and networks ----------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=8192)
 def parse_ip(text: str) -> IPAddress | None:
     """An address as the proxy saw it -> ``IPv4Address``/``IPv6Address``, or ``None``.
 
     Accepts ``[v6]`` brackets and a ``%zone`` suffix (dropped); an IPv4-mapped
-    IPv6 address comes back as the IPv4 address.
+    IPv6 address comes back as the IPv4 address. Cached: the same clients and
+    destinations come back on every connection, and ``ipaddress`` parsing is
+    the costliest step of a policy check.
     """
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]

@@ -194,6 +194,16 @@ _LABEL: Final = re.compile(r"[A-Za-z0-9_-]{1,63}")
 _IPV6_TEXT: Final = re.compile(r"[0-9A-Fa-f:.]+")
 
 
+def _pack_address(host: str) -> bytes:
+    """An IP literal in network order (4 or 16 bytes); ``ValueError`` if it is none."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            return socket.inet_pton(family, host)
+        except OSError:
+            continue
+    raise ValueError(f"not an IP address: {host!r}")
+
+
 def normalize_host(name: str) -> tuple[str, str] | None:
     """Check a host name from the wire; return ``(host, atyp)`` or ``None``.
 
@@ -376,7 +386,7 @@ class SocksServer:
         host, port = bind
         if not 0 <= port <= 0xFFFF:
             raise ValueError(f"bind port out of range: {port}")
-        address = ipaddress.ip_address(host)
+        packed = _pack_address(host)
         if self._request.version == 4:
             if code in (SUCCEEDED, SOCKS4_GRANTED):
                 cd = SOCKS4_GRANTED
@@ -384,10 +394,10 @@ class SocksServer:
                 cd = code
             else:
                 cd = SOCKS4_REJECTED
-            ip4 = address.packed if address.version == 4 else bytes(4)
+            ip4 = packed if len(packed) == 4 else bytes(4)
             return struct.pack("!BBH", 0, cd, port) + ip4
-        atyp = 1 if address.version == 4 else 4
-        return bytes((5, code, 0, atyp)) + address.packed + struct.pack("!H", port)
+        atyp = 1 if len(packed) == 4 else 4
+        return bytes((5, code, 0, atyp)) + packed + struct.pack("!H", port)
 
     # -- parsers: each returns an event, NEED_DATA, or None (state advanced) ----
 

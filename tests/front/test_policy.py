@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import socket
@@ -204,7 +205,13 @@ async def test_curl_proxy_user_connect(
 
 
 async def test_socks5_username_password(auth_proxy: RunningProxy, raw_server: ProxyFactory) -> None:
-    server: RawServer = await raw_server(lambda r, w: w.write(b"welcome"))
+    async def welcome(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"welcome")
+        # read what the client sent before closing, or the kernel answers it with an RST
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(reader.read(65536), 0.5)
+
+    server: RawServer = await raw_server(welcome)
     good = Proxy(ProxyType.SOCKS5, *auth_proxy.socks, username="alice", password="s3cret")
     sock = await good.connect("127.0.0.1", server.port)
     reader, writer = await asyncio.open_connection(sock=sock)
