@@ -325,9 +325,14 @@ class ClientAcl:
             )
         self.networks = tuple(parse_network(c, f"{key}[{i}]") for i, c in enumerate(allow))
         self._nets = _NetSet(self.networks)
+        # the answer depends on the address alone and the list never changes
+        self._cached = functools.lru_cache(maxsize=16384)(self._allowed)
 
     def allowed(self, ip: str) -> bool:
         """Is this client address (as the proxy saw it) allowed? Never raises."""
+        return self._cached(ip)
+
+    def _allowed(self, ip: str) -> bool:
         addr = parse_ip(ip)
         return addr is not None and addr in self._nets
 
@@ -524,6 +529,7 @@ class DestinationPolicy:
         self.default_deny_ranges = tuple(default_deny_ranges)
         self.connect_ports = connect_ports
         self._allow = _NetSet(self.allow_dest)
+        self._cached_check = functools.lru_cache(maxsize=16384)(self._check_address)
         self._deny_v4 = tuple(
             (*_mask(r.network), r.label)
             for r in self.default_deny_ranges
@@ -569,7 +575,12 @@ class DestinationPolicy:
 
         ``host`` is the name the client asked for (``None`` when it gave an
         address: the address text then serves as the host). Never raises.
+        Answers are cached: they depend on the arguments and the immutable
+        rules alone, and the same destinations come back all the time.
         """
+        return self._cached_check(ip, port, host, user)
+
+    def _check_address(self, ip: str, port: int, host: str | None, user: str | None) -> Decision:
         addr = parse_ip(ip)
         if addr is None:
             return Decision.deny("invalid-address")
