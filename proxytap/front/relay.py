@@ -161,14 +161,18 @@ class Relay:
         early: bytes = b"",
         high_water: int = 1 << 20,
         inspect: Callable[[Relay], asyncio.Protocol] | None = None,
+        sides: Callable[[Relay, int, asyncio.Transport, asyncio.Transport], _Side] | None = None,
     ) -> None:
         """Take over both transports; ``early`` holds client bytes read with the handshake.
 
         ``inspect`` builds a protocol that sees the client's first bytes before
         the relay does (the ClientHello check) and hands over to ``self.up``.
+        ``sides`` builds the two directions instead of ``_Side`` (modules that
+        filter tunnel bytes: ``proxytap.front.modchain``).
         """
-        self.up = _Side(self, UP, client, server)
-        self.down = _Side(self, DOWN, server, client)
+        make = _Side if sides is None else sides
+        self.up = make(self, UP, client, server)
+        self.down = make(self, DOWN, server, client)
         for transport in (client, server):
             transport.set_write_buffer_limits(high=high_water)
         first: asyncio.Protocol = inspect(self) if inspect is not None else self.up
