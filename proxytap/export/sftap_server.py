@@ -61,7 +61,7 @@ from proxytap.proto.sftap import (
     SERVED_CHUNK,
     FlowKey,
     data_head,
-    data_message,
+    data_line,
     encode_created,
     encode_destroyed,
     flow_hash,
@@ -171,17 +171,22 @@ class Reader(asyncio.Protocol):
         if payload:
             self.dropped_bytes[reason] = self.dropped_bytes.get(reason, 0) + payload
 
-    def send_data(self, msg: bytes, payload: int) -> bool:
-        """Write one DATA event unless the reader is gone or its buffer is full."""
+    def send_data(self, head: bytes, body: bytes | memoryview) -> bool:
+        """Write one DATA event unless the reader is gone or its buffer is full.
+
+        Header and body go to the transport together (``writelines``: one
+        ``writev`` when the socket takes them at once), and the body is never
+        copied: every reader shares the relay's bytes.
+        """
         t = self.transport
         if self.closed or t is None or t.is_closing():
             return False
         if self.paused:
-            self._drop(BUFFER_FULL, payload)
+            self._drop(BUFFER_FULL, len(body))
             return False
-        t.write(msg)
+        t.writelines((head, body))
         self.events_sent += 1
-        self.bytes_sent += len(msg)
+        self.bytes_sent += len(head) + len(body)
         return True
 
     def send_control(self, msg: bytes) -> bool:
@@ -536,11 +541,11 @@ class SftapServer:
         match = "none" if rule.up is None else "up"
         from_ = 1 if src_is_1 else 2
         if iface.binary:
-            msg = pack_data(key, from_, match, n, now) + data
+            head = pack_data(key, from_, match, n, now)
         else:
-            msg = data_message(data_head(key, from_, match), data, now)
+            head = data_line(data_head(key, from_, match), n, now)
         for r in iface.readers:
-            r.send_data(msg, n)
+            r.send_data(head, data)
 
     def _data(
         self, flow_id: int, st: _Flow, up: bool, body: bytes | memoryview, now: float
@@ -548,14 +553,14 @@ class SftapServer:
         n = len(body)
         if st.binary:
             if up:
-                msg = pack_data(st.key, st.up_from, "up" if st.tcp else "none", n, now) + body
+                head = pack_data(st.key, st.up_from, "up" if st.tcp else "none", n, now)
             else:
-                msg = pack_data(st.key, st.down_from, "down" if st.tcp else "none", n, now) + body
+                head = pack_data(st.key, st.down_from, "down" if st.tcp else "none", n, now)
         else:
-            msg = data_message(st.up_head if up else st.down_head, body, now)
+            head = data_line(st.up_head if up else st.down_head, n, now)
         failed = False
         for r in st.readers:
-            if not r.send_data(msg, n):
+            if not r.send_data(head, body):
                 failed = True
         if failed and st.tcp:
             self._prune(flow_id, st, now)

@@ -296,9 +296,14 @@ def data_head(key: FlowKey, from_: int | None, match: str, *, vlan: int | None =
     return key.head_for(vlan) + b",event=DATA,from=%s,match=%s,len=" % (f, match.encode("ascii"))
 
 
+def data_line(head: bytes, length: int, t: float) -> bytes:
+    """The text DATA header line for a body of ``length`` bytes (``head`` from ``data_head``)."""
+    return head + b"%d,time=%.17g\n" % (length, t)
+
+
 def data_message(head: bytes, body: bytes | memoryview, t: float) -> bytes:
     """A whole text DATA event, header line and body, as one buffer (one write)."""
-    return head + b"%d,time=%.17g\n" % (len(body), t) + body
+    return data_line(head, len(body), t) + body
 
 
 def encode_data(

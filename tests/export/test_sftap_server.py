@@ -253,7 +253,7 @@ async def test_no_reader_no_encoding(
     def boom(*a: object, **k: object) -> Any:
         raise AssertionError("encoding work with nobody listening")
 
-    for fn in ("flow_key", "encode_created", "data_message", "pack_data", "encode_destroyed"):
+    for fn in ("flow_key", "encode_created", "data_line", "pack_data", "encode_destroyed"):
         monkeypatch.setattr(sftap_server, fn, boom)
     table = FlowTable()
     for i in range(50):
