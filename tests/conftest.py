@@ -18,8 +18,8 @@ from aiohttp import web
 
 from proxytap.app import App
 from proxytap.config import Config, ListenerConfig, Timeouts
-from proxytap.policy.acl import AccessConfig
 from proxytap.flows.table import CloseReason, Flow
+from proxytap.policy.acl import AccessConfig
 from tests.certs import Pki, make_pki
 
 # Tests talk to origins on loopback, which the default policy denies (a fresh
