@@ -21,6 +21,7 @@ from typing import Any, Literal
 from proxytap.errors import ConfigError
 from proxytap.policy.acl import AccessConfig
 from proxytap.policy.auth import AuthConfig
+from proxytap.policy.headers import HttpConfig
 
 ListenerKind = Literal["http", "socks", "mixed"]
 LISTENER_KINDS = ("http", "socks", "mixed")
@@ -46,11 +47,18 @@ def parse_hostport(text: str, key: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+BUILTIN_MODULES = ("validate", "rewrite")  # proxytap.modules.builtin; "validate" always runs first
+
+
 @dataclass(frozen=True)
 class ListenerConfig:
     kind: str
     address: str
     name: str = ""
+    # module chains by name (proxytap.modules): built-ins "validate" and "rewrite", or a
+    # user module (addons/NAME.py, or a path to a .py file). None: ["validate", "rewrite"]
+    client_to_server: tuple[str, ...] | None = None
+    server_to_client: tuple[str, ...] | None = None
 
     @property
     def host(self) -> str:
@@ -64,6 +72,26 @@ class ListenerConfig:
         if self.kind not in LISTENER_KINDS:
             raise ConfigError(f"{key}.kind", f"must be one of {', '.join(LISTENER_KINDS)}")
         parse_hostport(self.address, f"{key}.address")
+        for direction in ("client_to_server", "server_to_client"):
+            chain = getattr(self, direction)
+            if chain is None:
+                continue
+            for i, name in enumerate(chain):
+                if not name:
+                    raise ConfigError(f"{key}.{direction}[{i}]", "empty module name")
+                if name == "validate" and i != 0:
+                    raise ConfigError(
+                        f"{key}.{direction}[{i}]", "validate always runs first: list it first"
+                    )
+            if len(set(chain)) != len(chain):
+                raise ConfigError(f"{key}.{direction}", "a module is named twice")
+
+    def chain(self, direction: str) -> tuple[str, ...]:
+        """The module names of ``direction``, ``validate`` first (it is never optional)."""
+        names: tuple[str, ...] | None = getattr(self, direction)
+        if names is None:
+            return BUILTIN_MODULES
+        return names if names[:1] == ("validate",) else ("validate", *names)
 
 
 @dataclass(frozen=True)
@@ -98,7 +126,7 @@ class UpstreamConfig:
 class LimitsConfig:
     max_head: int = 65536  # bytes of an HTTP request/response head
     max_request_line: int = 8192
-    max_headers: int = 100  # header fields in one HTTP head
+    max_headers: int = 100  # header fields in one HTTP head (431 / 502 past it)
     max_connections: int = 10000  # client connections open at once; 0: no limit
     max_connections_per_client: int = 256  # per client address; 0: no limit
     write_buffer_high: int = 1 << 20  # relay backpressure high-water mark per side
@@ -181,6 +209,22 @@ class LogConfig:
             raise ConfigError(f"{key}.flows_buffer", "must be > 0")
 
 
+@dataclass(frozen=True)
+class ModulesConfig:
+    """``[modules]``: where user modules are found and their options."""
+
+    # directories searched for NAME.py when a listener chain names NAME (relative to
+    # the working directory)
+    path: tuple[str, ...] = ("addons",)
+    # [modules.options.NAME]: a table handed to NAME's create(options)
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def validate(self, key: str) -> None:
+        for i, entry in enumerate(self.path):
+            if not entry:
+                raise ConfigError(f"{key}.path[{i}]", "must be a directory")
+
+
 ADMIN_OFF = "off"
 DEFAULT_ADMIN = "127.0.0.1:9090"
 
@@ -240,7 +284,9 @@ class Config:
     access: AccessConfig = field(default_factory=AccessConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsCheckConfig = TlsCheckConfig()
-    proxy_name: str = "proxytap"  # names proxytap in Proxy-Status and Via
+    http: HttpConfig = field(default_factory=HttpConfig)
+    modules: ModulesConfig = ModulesConfig()
+    proxy_name: str = "proxytap"  # names proxytap in Proxy-Status (and in Via unless http.via)
 
     def validate(self) -> Config:
         if not self.listeners:
@@ -260,6 +306,8 @@ class Config:
         self.access.validate("access")
         self.auth.validate("auth")
         self.tls.validate("tls")
+        self.http.validate("http")
+        self.modules.validate("modules")
         if not self.proxy_name or any(c in self.proxy_name for c in ' ,;="\r\n'):
             raise ConfigError("proxy_name", "must be a non-empty token")
         return self

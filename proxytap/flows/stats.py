@@ -64,3 +64,5 @@ class Stats:
         self.refusals: Counter[tuple[str, str]] = Counter()
         self.auth_failures = 0
         self.sni_mismatches = 0
+        # module name -> hook calls that raised (or broke a head) and failed closed
+        self.module_errors: Counter[str] = Counter()

@@ -20,13 +20,16 @@ from proxytap.config import ListenerConfig
 from proxytap.errors import Failure, ProtocolError, UpstreamError, classify_os_error
 from proxytap.flows.table import CloseReason, Connection, endpoint
 from proxytap.front.inspect import HelloInspector
+from proxytap.front.modchain import filtering_sides
 from proxytap.front.relay import PendingUpstream, Relay, linger_close
 from proxytap.front.services import Services
+from proxytap.modules.api import Context, ModuleError
 from proxytap.policy.auth import (
     parse_proxy_authorization,
     proxy_authenticate_header,
     socks4_userid_ok,
 )
+from proxytap.policy.headers import RequestHead
 from proxytap.proto import httpconnect
 from proxytap.proto.socks import (
     NEED_DATA,
@@ -60,6 +63,8 @@ class ClientConnection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.refusal: tuple[str, str] | None = None  # (rule, reason) decided at accept
         self.first_byte = -1
+        self.chain = services.chains[listener.name]
+        self.ctx: Context | None = None  # the tunnel's module context (modules only)
 
     # -- asyncio callbacks ----------------------------------------------------------
 
@@ -179,17 +184,25 @@ class ClientConnection(asyncio.Protocol):
         end = httpconnect.head_end(self.buf, limits.max_head, limits.max_request_line)
         if end is None:
             return
+        line = httpconnect.request_line(self.buf)
+        if not line.startswith(b"CONNECT "):
+            # Plain HTTP: the forwarder parses every head of the connection, this one
+            # included (one parser, one set of rules for all of them).
+            self.http_version = "HTTP/1.0" if line.endswith(b" HTTP/1.0") else "HTTP/1.1"
+            if self.refusal is not None:
+                self._deny(*self.refusal)
+                return
+            self._forward()
+            return
         head = httpconnect.parse_head(bytes(self.buf[:end]))
         self.http_version = head.version
         if self.refusal is not None:
             self._deny(*self.refusal)
             return
-        if head.method != "CONNECT":
-            self._forward()
-            return
-        host, port = httpconnect.parse_authority(head.target)
+        request = RequestHead(head.method, head.target, head.version, head.headers)
+        self.services.rules.validate_request(request)  # the same rules as forwarded heads
         credentials = head.values("proxy-authorization")
-        self._begin(host, port, "http-connect", bytes(self.buf[end:]), credentials)
+        self._begin(request.host, request.port, "http-connect", bytes(self.buf[end:]), credentials)
 
     def _forward(self) -> None:
         from proxytap.front.http_forward import HttpForwarder
@@ -260,9 +273,27 @@ class ClientConnection(asyncio.Protocol):
                 services.refused(verdict.rule, "connect port denied")
                 self._connect_failed(host, port, Failure.DENIED, f"rule {verdict.rule}")
                 return
+        chain = self.chain
+        if chain.active:
+            ctx = Context(
+                listener=self.listener.name,
+                protocol=self._protocol_name(),
+                client=conn.client,
+                host=host,
+                port=port,
+                user=conn.user,
+            )
+            try:
+                chain.on_connect(ctx)
+            except ProtocolError as exc:
+                chain.on_close(ctx)
+                self._module_refused(exc)
+                return
+            self.ctx = ctx
         try:
             server, pending = await services.open(host, port, conn.user, PendingUpstream)
         except UpstreamError as exc:
+            self._close_ctx()
             self._connect_failed(host, port, exc.failure, exc.detail)
             return
         try:
@@ -270,10 +301,12 @@ class ClientConnection(asyncio.Protocol):
             local = endpoint(server.get_extra_info("sockname"))
         except (OSError, TypeError, ValueError) as exc:
             server.close()
+            self._close_ctx()
             self._connect_failed(host, port, classify_os_error(exc), repr(exc))
             return
         if self.done or client.is_closing():
             server.close()
+            self._close_ctx()
             self._close("client went away while connecting")
             return
         now = time.time()
@@ -288,6 +321,12 @@ class ClientConnection(asyncio.Protocol):
         self._handed_over()
         relay = Relay(flow, hub, services.config.timeouts.idle, self._relay_done)
         services.live.add(relay)
+        sides = None
+        if self.ctx is not None:
+            self.ctx.server = flow.server
+            self.ctx.flow = flow
+            if chain.filters:
+                sides = filtering_sides(chain, self.ctx)
         log.debug(
             "tunnel %s %s:%d -> %s:%d (%s:%d) open",
             conn.protocol,
@@ -303,6 +342,7 @@ class ClientConnection(asyncio.Protocol):
             early,
             services.config.limits.write_buffer_high,
             inspect=self._inspector,
+            sides=sides,
         )
 
     def _inspector(self, relay: Relay) -> HelloInspector:
@@ -329,6 +369,7 @@ class ClientConnection(asyncio.Protocol):
         services = self.services
         flow = relay.flow
         now = time.time()
+        self._close_ctx()
         services.flow_closed(flow, reason, now)
         services.table.close_connection(flow.outer)
         services.live.discard(relay)
@@ -345,7 +386,39 @@ class ClientConnection(asyncio.Protocol):
             now - flow.start,
         )
 
+    def _protocol_name(self) -> str:
+        assert self.conn is not None
+        if self.socks is None:
+            return self.conn.protocol or "http-connect"
+        return self.conn.protocol or ("socks5" if self.first_byte == 5 else "socks4")
+
+    def _close_ctx(self) -> None:
+        if self.ctx is not None:
+            self.chain.on_close(self.ctx)
+
     # -- endings --------------------------------------------------------------------
+
+    def _module_refused(self, exc: ProtocolError) -> None:
+        """A module refused the tunnel (``Refuse``) or failed (``ModuleError``: 500 / 0x01)."""
+        assert self.transport is not None and self.conn is not None
+        failed = isinstance(exc, ModuleError)
+        if not failed:
+            self.services.refused("module", exc.reason)
+        if self.socks is not None:
+            code = 0x01 if failed else (exc.socks_code if exc.socks_code is not None else 0x02)
+            self.transport.write(self.socks.reply(code))
+        else:
+            self.transport.write(
+                httpconnect.error_response(
+                    exc.status,
+                    exc.reason,
+                    exc.proxy_status,
+                    version=self.http_version,
+                    proxy_name=self.services.config.proxy_name,
+                )
+            )
+        log.info("client %s:%d refused by a module: %s", *self.conn.client, exc.reason)
+        self._close("refused by a module", linger=True)
 
     def _connect_failed(self, host: str, port: int, failure: Failure, detail: str) -> None:
         assert self.transport is not None and self.conn is not None

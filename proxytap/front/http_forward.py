@@ -92,9 +92,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-import re
 import time
 from collections import deque
 from types import SimpleNamespace
@@ -105,10 +103,10 @@ import httptools
 from proxytap.errors import Failure, ProtocolError, UpstreamError, classify_os_error
 from proxytap.flows.table import DOWN, UP, CloseReason, Connection, Flow, endpoint
 from proxytap.front.relay import reset
+from proxytap.modules.api import Context
 from proxytap.policy.auth import parse_proxy_authorization, proxy_authenticate_header
-from proxytap.policy.hopbyhop import is_websocket_upgrade, strip_block, strip_hop_by_hop
+from proxytap.policy.headers import ORIGIN_FORM_REASON, RequestHead, serialize
 from proxytap.proto import httpconnect
-from proxytap.proto.socks import normalize_host
 
 if TYPE_CHECKING:
     from proxytap.export.hub import Hub
@@ -119,32 +117,14 @@ access_log = logging.getLogger("proxytap.access")  # one line per request: silen
 
 MAX_IDLE_UPSTREAMS: Final = 8  # idle upstream connections kept per client connection
 LINGER: Final = 2.0  # seconds a closing client connection is drained before the close
+CACHE_HEAD: Final = 4096  # request heads up to this size are memoized by the header rules
 
-ORIGIN_FORM_REASON: Final = (
-    "proxytap is a forward proxy, not a reverse proxy: "
-    "the request target must be an absolute http:// URI"
-)
+__all__ = ["LINGER", "MAX_IDLE_UPSTREAMS", "ORIGIN_FORM_REASON", "HttpForwarder"]
 
 _CRLF: Final = b"\r\n"
 _LAST_CHUNK: Final = b"0\r\n"
-_CHUNKED: Final = b"chunked"
 _IDEMPOTENT: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
-# names the request/response header callbacks look at (lower case)
-_HOP: Final = frozenset(
-    (
-        b"connection",
-        b"proxy-connection",
-        b"keep-alive",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authorization",
-        b"proxy-authenticate",
-    )
-)
-_WATCH: Final = _HOP | {b"host", b"content-length", b"expect"}
-_CONTENT_LENGTH: Final = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)", re.IGNORECASE)
+_VERSIONS: Final = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
 
 # stats.http_responses keys: (status class, who answered)
 _ORIGIN_KEYS: Final = {c: (f"{c}xx", "origin") for c in range(10)}
@@ -155,98 +135,61 @@ _NONE: Final = 0  # no body
 _RAW: Final = 1  # as received: Content-Length, chunked, close-delimited to HTTP/1.0
 _WRAP: Final = 2  # close-delimited from the origin, chunked to an HTTP/1.1 client
 _DECHUNK: Final = 3  # chunked from the origin, close-delimited to an HTTP/1.0 client
+_RECHUNK: Final = 4  # chunked both ways, but de-chunked for body modules and chunked again
 
 
 class _BadResponse(Exception):
-    """The origin broke HTTP; ``status`` / ``proxy_status`` is what the client gets."""
+    """The origin broke HTTP (or a module refused or failed): what the client gets."""
 
-    def __init__(self, reason: str, proxy_status: str = "http_protocol_error") -> None:
+    def __init__(
+        self, reason: str, proxy_status: str = "http_protocol_error", status: int = 502
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.proxy_status = proxy_status
+        self.status = status
+
+    @classmethod
+    def of(cls, exc: ProtocolError) -> _BadResponse:
+        return cls(exc.reason, exc.proxy_status, exc.status)
 
 
 def _refusal(reason: str, status: int = 400) -> ProtocolError:
     return ProtocolError(reason, status=status, proxy_status="http_request_error")
 
 
-class _Target:
-    """Where an absolute-form URL points and what goes upstream."""
-
-    __slots__ = ("authority", "host", "port", "target")
-
-    def __init__(self, host: str, port: int, authority: bytes, target: bytes) -> None:
-        self.host = host
-        self.port = port
-        self.authority = authority  # the Host field value, as the URL spelled it
-        self.target = target  # origin-form (or "*" for OPTIONS)
-
-
-@functools.lru_cache(maxsize=1024)
-def parse_target(url: bytes, method: bytes) -> _Target:
-    """Check a request-target; return where it goes. Raises ``ProtocolError``."""
-    if url.startswith(b"/"):
-        raise _refusal(ORIGIN_FORM_REASON)
-    if url == b"*":
-        raise _refusal("asterisk-form is for origin servers: " + ORIGIN_FORM_REASON)
-    try:
-        parsed = httptools.parse_url(url)
-    except httptools.HttpParserInvalidURLError:
-        raise _refusal("invalid request target") from None
-    schema = (parsed.schema or b"").lower()
-    if schema != b"http":
-        if schema == b"https":
-            raise _refusal("https:// URLs go through a CONNECT tunnel, not a plain request", 501)
-        raise _refusal("only http:// URLs are forwarded", 501)
-    if parsed.userinfo:
-        raise _refusal("userinfo is not allowed in an http URI")
-    try:
-        checked = normalize_host(parsed.host.decode("ascii")) if parsed.host else None
-    except UnicodeDecodeError:
-        checked = None
-    if checked is None:
-        raise _refusal("invalid host in request target")
-    port = 80 if parsed.port is None else parsed.port
-    if not 1 <= port <= 65535:
-        raise _refusal("invalid port in request target")
-    start = len(schema) + 3  # "http://"
-    end = len(url)
-    for sep in b"/?#":
-        i = url.find(bytes((sep,)), start)
-        if 0 <= i < end:
-            end = i
-    authority = url[start:end]
-    rest = url[end:].partition(b"#")[0]
-    if not rest:
-        rest = b"*" if method == b"OPTIONS" else b"/"
-    elif rest.startswith(b"?"):
-        rest = b"/" + rest
-    return _Target(checked[0], port, authority, rest)
+def _wire(head: RequestHead) -> bytes:
+    """What goes upstream: origin-form, HTTP/1.1, Host first, our own framing fields."""
+    out = [
+        head.method,
+        b" ",
+        head.path,
+        b" HTTP/1.1\r\nHost: ",
+        head.authority,
+        _CRLF,
+        serialize(head.headers),
+    ]
+    if head.codings:
+        out += (b"Transfer-Encoding: ", head.codings, _CRLF)
+    if head.websocket:
+        out.append(b"Connection: Upgrade\r\n")
+    out.append(_CRLF)
+    return b"".join(out)
 
 
-class _ResponseHead:
-    """What the client gets of a response head, but ``Via`` and ``Connection``."""
-
-    __slots__ = ("block", "chunked", "codings", "http10", "length", "line")
-
-    def __init__(self, raw: bytes, status: int) -> None:
-        line_end = raw.find(b"\r\n")
-        line = raw[:line_end]
-        self.http10 = line.startswith(b"HTTP/1.0")
-        self.line = b"HTTP/1.1" + line[8:] if self.http10 else line
-        block, removed = strip_block(raw[line_end:], keep_upgrade=status == 101)
-        self.block = block[:-2]  # without the blank line: our own fields follow
-        te = [v for n, v in removed if n.lower() == b"transfer-encoding"]
-        self.codings = b", ".join(te)  # the transfer codings, b"" for none
-        self.chunked = bool(te) and self.codings.rpartition(b",")[2].strip().lower() == _CHUNKED
-        match = None if te else _CONTENT_LENGTH.search(block)
-        self.length = -1 if match is None else int(match[1])  # llhttp checked it
+_wires: dict[int, tuple[RequestHead, bytes]] = {}  # id(shared head) -> its bytes
 
 
-@functools.lru_cache(maxsize=512)
-def response_head(raw: bytes, status: int) -> _ResponseHead:
-    """The rewritten response head; cached, since an origin sends the same heads again."""
-    return _ResponseHead(raw, status)
+def _wire_cached(head: RequestHead) -> bytes:
+    """``_wire`` of a head shared through the rules' memo: built once per head."""
+    hit = _wires.get(id(head))
+    if hit is not None and hit[0] is head:
+        return hit[1]
+    wire = _wire(head)
+    if len(_wires) >= 512:
+        _wires.clear()
+    _wires[id(head)] = (head, wire)
+    return wire
 
 
 class _Request:
@@ -270,13 +213,20 @@ class _Request:
     body_bytes = 0
     up_bytes = 0
     down_bytes = 0
+    # modules: the context, and the body read before the request hooks ran
+    ctx: Context | None = None
+    prepared = True  # the request hooks ran (or there are none): ``head`` is final
+    held: list[bytes] | None = None  # body bytes read before that, as they came
+    held_end = False  # ... and the body ended
+    trailers: list[tuple[bytes, bytes]] = []  # ... with these trailers
+    ended = False  # on_close ran / the access log line was written
 
-    def __init__(self, method: bytes, to: _Target, http10: bool, start: float) -> None:
-        self.method = method
+    def __init__(self, to: RequestHead, http10: bool, start: float) -> None:
+        self.method = to.method
         self.to = to
         self.http10 = http10
         self.start = start
-        self.is_head = method == b"HEAD"
+        self.is_head = to.method == b"HEAD"
         self.pending: list[bytes] = []  # framed body waiting for the upstream connection
 
 
@@ -294,9 +244,11 @@ class HttpForwarder(asyncio.Protocol):
         self.high_water = cfg.limits.write_buffer_high
         self.keepalive = cfg.timeouts.http_keepalive
         self.idle_timeout = cfg.timeouts.idle
-        name = cfg.proxy_name.encode("ascii", "replace")
-        self.via11 = b"Via: 1.1 " + name + _CRLF
-        self.via10 = b"Via: 1.0 " + name + _CRLF
+        self.max_headers = cfg.limits.max_headers
+        self.rules = services.rules
+        self.chain = chain = services.chains[conn.listener]
+        self.modules = chain.active  # any module beyond the fused built-ins
+        self.client_ip = conn.client[0]
         self.loop = asyncio.get_running_loop()
         self.parser = httptools.HttpRequestParser(self)
         self.queue: deque[_Request] = deque()  # parsed, not yet answered; [0] is active
@@ -304,6 +256,7 @@ class HttpForwarder(asyncio.Protocol):
         self.idle: dict[tuple[str, int], _Upstream] = {}
         self.upstreams: set[_Upstream] = set()
         self.tunnel: _Upstream | None = None  # WebSocket after 101
+        self.tunnel_ctx: Context | None = None  # its modules' context
         self.held = b""  # client bytes read but not parsed (after an upgrade request)
         self.broken: ProtocolError | None = None  # answer once the queue is done, then close
         self.auth_ok = b""  # the Proxy-Authorization value already verified on this connection
@@ -313,8 +266,6 @@ class HttpForwarder(asyncio.Protocol):
         self.head_size = 0
         self.head_fed = 0
         self.headers: list[tuple[bytes, bytes]] = []
-        self.watch: list[tuple[bytes, bytes]] = []  # (lower-case name, value) of _WATCH fields
-        self.hop_seen = False
         self.trailers: list[tuple[bytes, bytes]] = []
         self.synthetic = False  # feeding a made-up head to parse an h2c request's body
         # output corking: writes made while one read is handled go out together
@@ -366,6 +317,12 @@ class HttpForwarder(asyncio.Protocol):
             return
         self.activity += 1
         if self.tunnel is not None:
+            if self.tunnel_ctx is not None and self.chain.c2s_data:
+                try:
+                    data = self.chain.client_to_server(self.tunnel_ctx, data)
+                except ProtocolError:  # logged and counted by the chain
+                    self._close(CloseReason.ERROR)
+                    return
             self.tunnel.write(data)
             return
         if self.lingering or self.broken is not None:
@@ -459,8 +416,6 @@ class HttpForwarder(asyncio.Protocol):
         self.head_size = 0
         self.head_fed = 0
         self.headers = []
-        self.watch = []
-        self.hop_seen = False
 
     def on_url(self, url: bytes) -> None:
         if self.synthetic:
@@ -479,12 +434,10 @@ class HttpForwarder(asyncio.Protocol):
         self.head_size += len(name) + len(value) + 4
         if self.head_size > self.max_head:
             raise _refusal("request head too large", 431)
-        self.headers.append((name, value))
-        lname = name.lower()
-        if lname in _WATCH:
-            self.watch.append((lname, value))
-            if lname in _HOP:
-                self.hop_seen = True
+        headers = self.headers
+        if len(headers) >= self.max_headers:
+            raise _refusal("too many header fields", 431)
+        headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         if self.synthetic:
@@ -502,87 +455,137 @@ class HttpForwarder(asyncio.Protocol):
         if req is None:  # pragma: no cover - llhttp calls on_body only inside a message
             return
         req.body_bytes += len(body)
+        held = req.held
+        if held is not None:  # the request hooks have not run yet
+            held.append(body)
+            return
+        if req.ctx is not None and self.chain.c2s_data:
+            body = self._filter_body(req, body)
+            if not body:
+                return
         if req.chunked:
             body = b"%x\r\n%b\r\n" % (len(body), body)
         self._send_up(req, body)
+
+    def _filter_body(self, req: _Request, body: bytes) -> bytes:
+        """Request body bytes through the modules (raises ``ModuleError``)."""
+        chain = self.chain
+        out = chain.client_to_server(req.ctx, body)
+        if not req.chunked and len(out) != len(body):
+            raise chain.failed(
+                chain.c2s_data[-1][0],
+                "client_to_server",
+                ValueError("a body with a Content-Length must keep its length"),
+            )
+        return out
 
     def on_message_complete(self) -> None:
         req = self.parsing
         if req is None:  # pragma: no cover
             return
-        if req.websocket is False and self.parser.should_upgrade() and self._has_body():
+        if req.websocket is False and self.parser.should_upgrade() and self._has_body(req):
             return  # an h2c upgrade with a body: _upgraded reads the body
         self.synthetic = False
-        if req.chunked:
-            last = [_LAST_CHUNK]
-            for name, value in self.trailers:
-                last += (name, b": ", value, _CRLF)
-            last.append(_CRLF)
-            self._send_up(req, b"".join(last))
-        if self.trailers:
+        trailers = self.trailers
+        if trailers:
             self.trailers = []
+        if req.chunked:
+            if req.held is not None:
+                req.held_end = True
+                req.trailers = trailers
+            else:
+                self._last_chunk(req, trailers)
         req.done = True
         self.parsing = None
 
-    def _has_body(self) -> bool:
-        for lname, value in self.watch:
-            if lname == b"transfer-encoding" or (
-                lname == b"content-length" and value.strip() != b"0"
-            ):
-                return True
-        return False
+    def _last_chunk(self, req: _Request, trailers: list[tuple[bytes, bytes]]) -> None:
+        last = [_LAST_CHUNK]
+        for name, value in trailers:
+            last += (name, b": ", value, _CRLF)
+        last.append(_CRLF)
+        self._send_up(req, b"".join(last))
+
+    @staticmethod
+    def _has_body(req: _Request) -> bool:
+        return req.chunked or req.to.length > 0
 
     def _build_request(self) -> _Request:
         parser = self.parser
         method = parser.get_method()
         if method == b"CONNECT":
             raise _refusal("CONNECT must be the first request on a connection to the proxy")
-        http10 = parser.get_http_version() == "1.0"
-        to = parse_target(b"".join(self.url_parts), method)
-        req = _Request(method, to, http10, self.loop.time())
+        number = parser.get_http_version()
+        version = _VERSIONS.get(number) or b"HTTP/" + number.encode("ascii", "replace")
+        parts = self.url_parts
+        chain = self.chain
+        to = self.rules.prepare_request(
+            method,
+            parts[0] if len(parts) == 1 else b"".join(parts),
+            version,
+            self.headers,
+            self.client_ip,
+            chain.rewrite_requests,
+            self.head_size <= CACHE_HEAD,
+        )
+        http10 = to.version == b"HTTP/1.0"
+        req = _Request(to, http10, self.loop.time())
         if not http10:
             req.keep_alive = parser.should_keep_alive()
-        headers = self.headers
-        te: list[bytes] | None = None
-        hosts = 0
-        for lname, value in self.watch:
-            if lname == b"host":
-                hosts += 1
-            elif lname == b"transfer-encoding":
-                if te is None:
-                    te = []
-                te.append(value)
-        if hosts > 1:
-            raise _refusal("more than one Host header field")
-        if self.hop_seen:
-            req.websocket = parser.should_upgrade() and is_websocket_upgrade(headers)
-            headers = strip_hop_by_hop(headers, keep_upgrade=req.websocket)
-        out = [method, b" ", to.target, b" HTTP/1.1\r\nHost: ", to.authority, _CRLF]
-        if hosts or http10:
-            for name, value in headers:
-                lname = name.lower()
-                if lname == b"host" or (http10 and lname == b"expect"):
-                    continue
-                out += (name, b": ", value, _CRLF)
-        else:
-            for name, value in headers:
-                out += (name, b": ", value, _CRLF)
-        if te is not None:
-            if http10:
-                raise _refusal("Transfer-Encoding in an HTTP/1.0 request")
+        if to.codings:
             req.chunked = True
-            out += (b"Transfer-Encoding: ", b", ".join(te), _CRLF)
-        if req.websocket:
-            out.append(b"Connection: Upgrade\r\n")
-        out += (self.via10 if http10 else self.via11, _CRLF)
-        req.head = b"".join(out)
+        if to.websocket and parser.should_upgrade():
+            req.websocket = True
+        if self.modules:
+            conn = self.conn
+            req.ctx = Context(
+                listener=conn.listener,
+                protocol="http-forward",
+                client=conn.client,
+                host=to.host,
+                port=to.port,
+                user=conn.user,
+            )
+            if chain.connect_hooks or chain.request_hooks or chain.c2s_data:
+                req.prepared = False  # _prepare runs them once the request is active
+                if chain.c2s_data:
+                    req.held = []
+        if req.prepared:
+            req.head = _wire_cached(to)
         if self.services.auth is not None:
             self._check_credentials(req)
         return req
 
+    def _prepare(self, req: _Request) -> None:
+        """The module hooks of a request that is about to go upstream (its user is known).
+
+        Raises ``ProtocolError``: ``Refuse`` from a module, ``ModuleError``.
+        """
+        ctx = req.ctx
+        assert ctx is not None
+        chain = self.chain
+        ctx.user = self.conn.user
+        req.prepared = True
+        chain.on_connect(ctx)
+        if chain.request_hooks:
+            head = req.to.copy()
+            chain.request(ctx, head)
+            req.to = head
+            req.head = _wire(head)
+        else:
+            req.head = _wire_cached(req.to)
+        held = req.held
+        if held is not None:
+            req.held = None
+            for body in held:
+                body = self._filter_body(req, body)
+                if body:
+                    self._send_up(req, b"%x\r\n%b\r\n" % (len(body), body) if req.chunked else body)
+            if req.held_end:
+                self._last_chunk(req, req.trailers)
+
     def _check_credentials(self, req: _Request) -> None:
         """Proxy authentication, per request: a value verified once is not checked again."""
-        creds = next((v for n, v in self.watch if n == b"proxy-authorization"), None)
+        creds = req.to.credentials
         if creds is None:
             self.services.refused("auth", "proxy authentication required")
             raise ProtocolError(
@@ -612,7 +615,7 @@ class HttpForwarder(asyncio.Protocol):
                 self.conn.user = user
                 req.auth_pending = False
                 if self.queue and self.queue[0] is req and req.upstream is None:
-                    self._dispatch(req)
+                    self._dispatch_safely(req)
                     self._update_reading()
                 return
         if self.closed:
@@ -626,6 +629,7 @@ class HttpForwarder(asyncio.Protocol):
             self.queue.remove(req)
         if self.parsing is req:
             self.parsing = None
+        self._end(req)
         self.broken = err
         if not self.queue:
             self._reply_error(err)
@@ -643,23 +647,26 @@ class HttpForwarder(asyncio.Protocol):
             return
         # an upgrade we do not relay, with a body: parse the body with a fresh parser
         self.synthetic = True
-        framing = b"Transfer-Encoding: chunked" if req.chunked else self._content_length()
+        framing = (
+            b"Transfer-Encoding: chunked"
+            if req.chunked
+            else b"Content-Length: %d" % max(req.to.length, 0)
+        )
         self._feed(b"POST / HTTP/1.1\r\n" + framing + b"\r\n\r\n")
         if rest and not self.closed:
             self._feed(rest)
 
-    def _content_length(self) -> bytes:
-        for lname, value in self.watch:
-            if lname == b"content-length":
-                return b"Content-Length: " + value
-        return b"Content-Length: 0"  # pragma: no cover - _has_body found one
-
     # -- sending requests -----------------------------------------------------------
 
     def _dispatch(self, req: _Request, fresh: bool = False) -> None:
-        """Make ``req`` the active request: find or open its upstream connection."""
+        """Make ``req`` the active request: find or open its upstream connection.
+
+        Raises ``ProtocolError`` when a module refuses or fails (``_prepare``).
+        """
         if req.auth_pending:
             return  # _authenticate dispatches it
+        if not req.prepared:
+            self._prepare(req)
         to = req.to
         up = None if fresh else self.idle.pop((to.host, to.port), None)
         if up is None:
@@ -673,11 +680,37 @@ class HttpForwarder(asyncio.Protocol):
         if up.ready:
             self._start_request(up, req)
 
+    def _dispatch_safely(self, req: _Request) -> None:
+        """``_dispatch`` outside a parser callback: a module refusal is answered here."""
+        try:
+            self._dispatch(req)
+        except ProtocolError as err:
+            self._refuse_active(req, err)
+
+    def _refuse_active(self, req: _Request, err: ProtocolError) -> None:
+        """``req`` (the active request, nothing sent upstream) is refused: answer, close."""
+        if self.parsing is req:
+            self.parsing = None
+        self.queue.clear()  # the connection closes after the answer
+        self._end(req)
+        self.broken = err
+        self._reply_error(err)
+
+    def _end(self, req: _Request) -> None:
+        """The exchange of ``req`` is over: the modules' on_close, once."""
+        ctx = req.ctx
+        if ctx is not None and not ctx.closed:
+            self.chain.on_close(ctx)
+
     def _start_request(self, up: _Upstream, req: _Request) -> None:
         flow = up.flow
         if flow is not None and up.authority is not req.to.authority:
             up.authority = req.to.authority
             flow.http_host = up.authority.decode("latin-1")
+        ctx = req.ctx
+        if ctx is not None and flow is not None:
+            ctx.server = flow.server
+            ctx.flow = flow
         # the response state of the connection
         up.served += 1
         up.got = 0
@@ -686,7 +719,8 @@ class HttpForwarder(asyncio.Protocol):
             up.hbuf.clear()
         up.stray = False
         up.completed = None
-        if req.http10:  # chunked bodies are de-chunked for HTTP/1.0 clients: llhttp's on_body
+        if req.http10 or self.chain.s2c_data:
+            # chunked bodies are de-chunked for HTTP/1.0 clients and body modules: on_body
             events = SimpleNamespace(on_body=up.body, **vars(up.events))
             up.parser = httptools.HttpResponseParser(events)
         up.send(req.head)
@@ -762,6 +796,8 @@ class HttpForwarder(asyncio.Protocol):
             queue.popleft()
         if access_log.isEnabledFor(logging.INFO):
             self._log(req, now)
+        if req.ctx is not None:
+            self._end(req)
         if self.closed:
             return
         if reusable and not self.lingering:
@@ -786,8 +822,9 @@ class HttpForwarder(asyncio.Protocol):
     def _next(self) -> None:
         """Start the next queued request, or answer a refusal, or parse what is held."""
         if self.queue:
-            self._dispatch(self.queue[0])
-            self._update_reading()
+            self._dispatch_safely(self.queue[0])
+            if not self.closed:
+                self._update_reading()
         elif self.broken is not None:
             self._reply_error(self.broken)
         elif self.client_eof:
@@ -803,12 +840,15 @@ class HttpForwarder(asyncio.Protocol):
         req = self.queue.popleft() if self.queue else None
         if req is not None:
             self._log(req, self.loop.time())
+            self.tunnel_ctx = req.ctx  # its on_close runs when the tunnel ends
         if rest:
             self.write(rest)
         held = self.held
         self.held = b""
         if held:
-            up.write(held)
+            self.data_received(held)
+            if self.closed:
+                return
         up.set_reading(not self.client_blocked)
         self._update_reading()
 
@@ -818,6 +858,7 @@ class HttpForwarder(asyncio.Protocol):
             return
         self.queue.popleft()
         self._log(req, self.loop.time())
+        self._end(req)
         if not req.responded:
             status, why, proxy_status = up.error
             self.reply(req, status, why, proxy_status)
@@ -859,6 +900,8 @@ class HttpForwarder(asyncio.Protocol):
         req = self.parsing
         self.parsing = None
         self.in_head = False
+        if req is not None:
+            self._end(req)
         if req is not None and self.queue and req is not self.queue[0]:
             self.queue.remove(req)  # a pipelined request that never started
             req = None
@@ -885,7 +928,7 @@ class HttpForwarder(asyncio.Protocol):
             req.method.decode("latin-1"),
             to.host,
             to.port,
-            to.target.partition(b"?")[0].decode("latin-1"),
+            to.path.partition(b"?")[0].decode("latin-1"),
             req.status or "-",
             req.up_bytes,
             req.down_bytes,
@@ -933,6 +976,11 @@ class HttpForwarder(asyncio.Protocol):
         for up in list(self.upstreams):
             up.close(reason if up.req is not None else CloseReason.NORMAL)  # idle ones: NORMAL
         self.idle.clear()
+        if self.modules:
+            for req in self.queue:
+                self._end(req)
+            if self.tunnel_ctx is not None:
+                self.chain.on_close(self.tunnel_ctx)
         self.queue.clear()
         self.services.table.close_connection(self.conn)
         self.services.live.discard(self)
@@ -966,6 +1014,7 @@ class HttpForwarder(asyncio.Protocol):
                 up.close(CloseReason.TIMEOUT)
             self.queue.popleft()
             self._log(req, self.loop.time())
+            self._end(req)
             self.reply(req, 504, "the destination did not answer in time", "http_response_timeout")
             return
         self._close(CloseReason.TIMEOUT)
@@ -1014,6 +1063,8 @@ class _Upstream(asyncio.Protocol):
         self.upkeep = False
         self.stray = False  # bytes followed a complete response
         self.completed: _Request | None = None
+        self.filters = bool(fwd.chain.s2c_data)  # response bodies go through modules
+        self.ctx: Context | None = None  # the modules' context of the response being relayed
 
     # -- connecting -----------------------------------------------------------------
 
@@ -1150,6 +1201,13 @@ class _Upstream(asyncio.Protocol):
             self.hub.data(flow, DOWN, data, time.time())
         fwd.activity += 1
         if fwd.tunnel is self:
+            ctx = fwd.tunnel_ctx
+            if ctx is not None and fwd.chain.s2c_data:
+                try:
+                    data = fwd.chain.server_to_client(ctx, data)
+                except ProtocolError:  # logged and counted by the chain
+                    fwd._close(CloseReason.ERROR)
+                    return
             fwd.write(data)
             return
         req = self.req
@@ -1169,6 +1227,8 @@ class _Upstream(asyncio.Protocol):
             cause = exc.__context__
             if isinstance(cause, _BadResponse):
                 err = cause
+            elif isinstance(cause, ProtocolError):
+                err = _BadResponse.of(cause)
             else:
                 log.error("internal error parsing a response", exc_info=cause)
                 err = _BadResponse("the proxy failed to process the response")
@@ -1178,6 +1238,8 @@ class _Upstream(asyncio.Protocol):
             err = _BadResponse(f"invalid HTTP response: {exc}")
         except _BadResponse as exc:
             err = exc
+        except ProtocolError as exc:  # a body module failed
+            err = _BadResponse.of(exc)
         finally:
             fwd.ccork = False
         if err is not None:
@@ -1205,14 +1267,31 @@ class _Upstream(asyncio.Protocol):
         if mode == _RAW:
             if left > 0:
                 self.body_left = left - len(data)
+            if self.filters and data:
+                data = self._filter(data, left >= 0)
             if data:
                 self.fwd.write(data)
         elif mode == _WRAP:
-            fwd = self.fwd
-            fwd.write(b"%x\r\n" % len(data))
-            fwd.write(data)
-            fwd.write(_CRLF)
-        # _DECHUNK: llhttp's on_body writes; _NONE: no body
+            if self.filters:
+                data = self._filter(data, False)
+            if data:
+                fwd = self.fwd
+                fwd.write(b"%x\r\n" % len(data))
+                fwd.write(data)
+                fwd.write(_CRLF)
+        # _DECHUNK, _RECHUNK: llhttp's on_body writes; _NONE: no body
+
+    def _filter(self, data: bytes, same_length: bool) -> bytes:
+        """Response body bytes through the modules (raises ``ModuleError``)."""
+        chain = self.fwd.chain
+        out = chain.server_to_client(self.ctx, data)
+        if same_length and len(out) != len(data):
+            raise chain.failed(
+                chain.s2c_data[-1][0],
+                "server_to_client",
+                ValueError("a body with a Content-Length must keep its length"),
+            )
+        return out
 
     def _consume(self, data: bytes) -> None:
         """Response heads: found raw (to rewrite them), checked and framed by llhttp."""
@@ -1269,9 +1348,20 @@ class _Upstream(asyncio.Protocol):
                 return
 
     def body(self, body: bytes) -> None:
-        """llhttp's de-chunked body data (HTTP/1.0 clients only)."""
-        if self.mode == _DECHUNK:
-            self.fwd.write(body)
+        """llhttp's de-chunked body data (HTTP/1.0 clients, body modules)."""
+        mode = self.mode
+        if mode in (_DECHUNK, _RECHUNK):
+            if self.filters:
+                body = self._filter(body, False)
+                if not body:
+                    return
+            if mode == _RECHUNK:
+                fwd = self.fwd
+                fwd.write(b"%x\r\n" % len(body))
+                fwd.write(body)
+                fwd.write(_CRLF)
+            else:
+                self.fwd.write(body)
 
     def message_begin(self) -> None:
         if self.req is None or self.completed is not None:
@@ -1283,11 +1373,19 @@ class _Upstream(asyncio.Protocol):
         fwd = self.fwd
         parser = self.parser
         status = parser.get_status_code()
-        raw = self.raw_head
-        h = response_head(raw, status) if len(raw) <= 4096 else _ResponseHead(raw, status)
-        via = fwd.via10 if h.http10 else fwd.via11
+        chain = fwd.chain
+        try:
+            line, h, block = fwd.rules.prepare_response(
+                self.raw_head, status, chain.rewrite_responses
+            )
+            if chain.response_hooks:
+                h = h.copy()
+                chain.response(req.ctx, h)
+                block = serialize(h.headers)
+        except ProtocolError as exc:
+            raise _BadResponse.of(exc) from None
         if status < 200:
-            self._interim(req, status, h.line, h.block, via)
+            self._interim(req, status, line, block)
             return
         self.in_head = False
         self.interim = False
@@ -1296,6 +1394,7 @@ class _Upstream(asyncio.Protocol):
         self.upkeep = parser.should_keep_alive() and not (h.http10 and h.codings)
         self.close_delimited = False
         self.body_left = -1
+        self.ctx = req.ctx
         extra = b""
         if req.is_head or status == 204 or status == 304:
             mode = _NONE
@@ -1303,8 +1402,8 @@ class _Upstream(asyncio.Protocol):
             mode = _RAW
             self.body_left = h.length
         elif h.chunked:
-            mode = _DECHUNK if req.http10 else _RAW
-            if mode == _RAW:
+            mode = _DECHUNK if req.http10 else _RECHUNK if self.filters else _RAW
+            if mode != _DECHUNK:
                 extra = b"Transfer-Encoding: " + h.codings + _CRLF
         else:  # the body ends when the origin closes
             self.close_delimited = True
@@ -1317,10 +1416,10 @@ class _Upstream(asyncio.Protocol):
         req.keep = keep
         head = b"".join(
             (
-                h.line,
-                h.block,
+                line,
+                _CRLF,
+                block,
                 extra,
-                via,
                 b"Connection: keep-alive\r\n\r\n" if keep else b"Connection: close\r\n\r\n",
             )
         )
@@ -1331,7 +1430,7 @@ class _Upstream(asyncio.Protocol):
             self.parser = httptools.HttpResponseParser(self.events)
             self._done(req)
 
-    def _interim(self, req: _Request, status: int, line: bytes, block: bytes, via: bytes) -> None:
+    def _interim(self, req: _Request, status: int, line: bytes, block: bytes) -> None:
         """A 1xx response: relayed (not to HTTP/1.0 clients); 101 starts a WebSocket relay."""
         self.interim = True
         fwd = self.fwd
@@ -1342,11 +1441,11 @@ class _Upstream(asyncio.Protocol):
             req.responded = True
             self.switching = True
             fwd.services.stats.http_responses[_ORIGIN_KEYS[1]] += 1
-            head = b"".join((line, block, via, b"Connection: Upgrade\r\n\r\n"))
+            head = b"".join((line, _CRLF, block, b"Connection: Upgrade\r\n\r\n"))
         elif req.http10:
             return
         else:
-            head = b"".join((line, block, via, _CRLF))
+            head = b"".join((line, _CRLF, block, _CRLF))
         req.down_bytes += len(head)
         fwd.write(head)
 
@@ -1361,7 +1460,7 @@ class _Upstream(asyncio.Protocol):
 
     def _done(self, req: _Request) -> None:
         """The response is complete (the forwarder acts on it after this read)."""
-        if self.mode == _WRAP:
+        if self.mode in (_WRAP, _RECHUNK):
             self.fwd.write(b"0\r\n\r\n")
         self.mode = _NONE
         self.req = None
@@ -1370,7 +1469,9 @@ class _Upstream(asyncio.Protocol):
     def _broken(self, req: _Request, exc: _BadResponse) -> None:
         """The origin broke HTTP while answering ``req``."""
         log.info("http upstream %s:%d: %s", self.host, self.port, exc.reason)
-        if exc.proxy_status == "http_response_header_section_size":
+        if exc.status != 502:  # a module refused the response, or failed
+            self.error = (exc.status, exc.reason, exc.proxy_status)
+        elif exc.proxy_status == "http_response_header_section_size":
             self.error = (502, "the destination's response head is too large", exc.proxy_status)
         else:
             self.error = (502, "the destination sent an invalid HTTP response", exc.proxy_status)

@@ -25,7 +25,10 @@ from proxytap.front.upstream import (
     SystemResolver,
     open_upstream,
 )
+from proxytap.modules.chain import Chain
+from proxytap.modules.loader import build_chains
 from proxytap.policy.acl import ClientAcl, DestinationPolicy, build_policy
+from proxytap.policy.headers import HeaderRules
 
 log = logging.getLogger("proxytap")
 
@@ -74,10 +77,22 @@ class Services:
     destinations: DestinationPolicy = field(init=False)
     auth: Authenticator | None = field(init=False)
     stats: Stats = field(default_factory=Stats)
+    rules: HeaderRules = field(init=False)
+    chains: dict[str, Chain] = field(init=False)  # listener name -> its modules
 
     def __post_init__(self) -> None:
-        self.clients, self.destinations = build_policy(self.config.access)
-        self.auth = Authenticator.from_config(self.config.auth)
+        cfg = self.config
+        self.clients, self.destinations = build_policy(cfg.access)
+        self.auth = Authenticator.from_config(cfg.auth)
+        self.rules = HeaderRules.from_config(
+            cfg.http,
+            proxy_name=cfg.proxy_name,
+            max_head=cfg.limits.max_head,
+            max_request_line=cfg.limits.max_request_line,
+            max_headers=cfg.limits.max_headers,
+        )
+        # loads user modules: a ConfigError here stops start-up
+        self.chains = build_chains(cfg, self.rules, self.stats.module_errors)
 
     @property
     def refusals(self) -> dict[tuple[str, str], int]:

@@ -7,11 +7,14 @@ sockets, no clock; every failure from a peer's bytes is a ``ProtocolError``
 with ``proxy_status="http_request_error"`` and the HTTP status to answer with.
 
 Decisions
-    * Line endings: CRLF, or a bare LF (RFC 9112 section 2.2 lets a recipient
-      accept LF alone). Every line may end either way; a CR anywhere else
-      (``\\r`` not directly before the LF) is rejected (400).
+    * Line endings: CRLF only. A bare LF (RFC 9112 section 2.2 lets a
+      recipient accept one, llhttp does not) is rejected with 400 by
+      ``head_end`` as soon as it arrives, and so is a CR anywhere but directly
+      before an LF: this parser must not accept a head the plain-HTTP
+      forwarder's parser (llhttp) would read differently.
     * Empty lines before the request line are skipped (RFC 9112 section 2.2
-      SHOULD); they count towards ``head_length`` and the size limit.
+      SHOULD), CRLF or LF as llhttp does (they frame nothing); they count
+      towards ``head_length`` and the size limit.
     * Size: ``head_end`` raises 414 when the request line (without its line
       ending) is longer than ``line_limit`` and 431 when the head, blank line
       included, does not end within ``limit`` bytes; when both hold, the one
@@ -62,6 +65,7 @@ __all__ = [
     "parse_authority",
     "parse_head",
     "proxy_status_value",
+    "request_line",
 ]
 
 MAX_HEAD: Final = 65536
@@ -70,7 +74,8 @@ MAX_LINE: Final = 8192
 _ERROR: Final = "http_request_error"
 
 _BLANK_LINES: Final = re.compile(rb"(?:\r?\n)*")
-_HEAD_END: Final = re.compile(rb"\n\r?\n")
+_HEAD_END: Final = re.compile(rb"\r\n\r\n")
+_BARE_LF: Final = re.compile(rb"(?<!\r)\n")
 _TCHARS: Final = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
 _TOKEN: Final = re.compile(rb"[" + _TCHARS + rb"]+")
 _REQUEST_LINE: Final = re.compile(
@@ -114,8 +119,8 @@ def head_end(
     """Offset just past the blank line that ends the head, or ``None`` for more bytes.
 
     Raises ``ProtocolError`` 414 when the request line is longer than
-    ``line_limit`` bytes (its line ending not counted) and 431 when the head
-    does not end within ``limit`` bytes.
+    ``line_limit`` bytes (its line ending not counted), 431 when the head
+    does not end within ``limit`` bytes and 400 at the first bare LF.
     """
     start = _skip_blank_lines(buf, limit)
     if start >= limit:
@@ -132,15 +137,26 @@ def head_end(
         if len(buf) >= limit:
             raise _error("request head too large", 431)
         return None
-    line_length = newline - start - (1 if buf[newline - 1 : newline] == b"\r" else 0)
-    if line_length > line_limit:
+    cr = buf[newline - 1 : newline] == b"\r"
+    if not cr and newline < limit:  # (past the limit the head is too large anyway)
+        raise _error("bare LF in request head: lines end with CRLF")
+    if newline - start - cr > line_limit:
         raise too_long or _error("request head too large", 431)
-    match = _HEAD_END.search(buf, newline, limit)
+    match = _HEAD_END.search(buf, newline - 1, limit)
+    bare = _BARE_LF.search(buf, newline + 1, match.end() if match is not None else limit)
+    if bare is not None:
+        raise _error("bare LF in request head: lines end with CRLF")
     if match is not None:
         return match.end()
     if len(buf) >= limit:
         raise _error("request head too large", 431)
     return None
+
+
+def request_line(buf: bytes | bytearray) -> bytes:
+    """The request line of a framed head (``head_end`` found its end), without CRLF."""
+    start = _skip_blank_lines(buf, len(buf))
+    return bytes(buf[start : buf.find(b"\r\n", start)])
 
 
 def parse_head(buf: bytes | bytearray) -> RequestHead:
@@ -150,11 +166,12 @@ def parse_head(buf: bytes | bytearray) -> RequestHead:
     if match is None:
         raise _error("incomplete request head")
     end = match.end()
-    lines = bytes(buf[start:end]).split(b"\n")[:-2]  # drop the blank line and after
-    lines = [line.removesuffix(b"\r") for line in lines]
+    lines = bytes(buf[start:end]).split(b"\r\n")[:-2]  # drop the blank line and after
     for line in lines:
         if b"\r" in line:
             raise _error("stray CR in request head")
+        if b"\n" in line:
+            raise _error("bare LF in request head: lines end with CRLF")
     request_line = _REQUEST_LINE.fullmatch(lines[0])
     if request_line is None:
         raise _error("malformed request line")

@@ -381,7 +381,7 @@ async def test_pipelined_requests_answered_in_order(
     reader, writer = await client(proxy)
     writer.write(
         b"".join(
-            b"GET http://127.0.0.1:%d/%d HTTP/1.1\r\nHost: x\r\n\r\n" % (port, i)
+            b"GET http://127.0.0.1:%d/%d HTTP/1.1\r\n\r\n" % (port, i)
             for i, port in enumerate((server_a.port, server_b.port, server_a.port))
         )
     )
@@ -399,7 +399,7 @@ async def test_stale_pooled_connection_is_retried(
     server: RawServer = await raw_server(script)
     reader, writer = await client(proxy)
     for body in (b"one", b"two"):
-        writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\n\r\n" % server.port)
+        writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port)
         await asyncio.sleep(0.1)  # the origin's close reaches the proxy, or not: both work
         assert (await read_message(reader)).body == body
     assert script.connections == 2
@@ -444,12 +444,16 @@ async def test_hop_by_hop_headers_removed_both_ways(
     writer.close()
 
 
-async def test_host_header_comes_from_the_uri(
+async def test_host_header_must_match_the_uri(
     proxy: RunningProxy, raw_server: ProxyFactory
 ) -> None:
     script, server = await start_script(raw_server, ok(), ok())
     reader, writer = await client(proxy)
-    writer.write(b"GET http://127.0.0.1:%d HTTP/1.1\r\nHost: evil.example\r\n\r\n" % server.port)
+    # same host and port, other spelling: accepted, Host rebuilt from the URI
+    writer.write(
+        b"GET http://127.0.0.1:%d HTTP/1.1\r\nHost: 127.0.0.1.:%d\r\n\r\n"
+        % (server.port, server.port)
+    )
     await read_message(reader)
     writer.write(b"OPTIONS http://127.0.0.1:%d HTTP/1.1\r\nX: y\r\n\r\n" % server.port)
     await read_message(reader)
@@ -459,6 +463,14 @@ async def test_host_header_comes_from_the_uri(
         b"OPTIONS * HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nX: y\r\n%b\r\n" % (server.port, VIA)
     )
     writer.close()
+    # another host or port: 400, nothing sent (cache poisoning, routing tricks)
+    for host in (b"evil.example", b"127.0.0.1", b"127.0.0.1:1"):
+        got = await exchange(
+            proxy, b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: %b\r\n\r\n" % (server.port, host)
+        )
+        assert got.startswith(b"HTTP/1.1 400 Bad Request\r\n"), got
+        assert got.endswith(b"the Host header field does not match the request target\n")
+    assert len(script.requests) == 2
 
 
 # -- message framing ------------------------------------------------------------------------------
@@ -473,13 +485,13 @@ async def test_head_response_has_no_body(proxy: RunningProxy, raw_server: ProxyF
     )
     reader, writer = await client(proxy)
     url = b"http://127.0.0.1:%d/" % server.port
-    writer.write(b"HEAD %b HTTP/1.1\r\nHost: x\r\n\r\n" % url)
+    writer.write(b"HEAD %b HTTP/1.1\r\n\r\n" % url)
     resp = await read_message(reader, bodyless=True)
     assert resp.status == 200 and resp.get("Content-Length") == "1000"
-    writer.write(b"HEAD %b HTTP/1.1\r\nHost: x\r\n\r\n" % url)
+    writer.write(b"HEAD %b HTTP/1.1\r\n\r\n" % url)
     resp = await read_message(reader, bodyless=True)
     assert resp.get("Transfer-Encoding") is None
-    writer.write(b"GET %b HTTP/1.1\r\nHost: x\r\n\r\n" % url)
+    writer.write(b"GET %b HTTP/1.1\r\n\r\n" % url)
     assert (await read_message(reader)).body == b"after"
     assert script.connections == 1
     writer.close()
@@ -494,7 +506,7 @@ async def test_no_body_statuses(
     )
     reader, writer = await client(proxy)
     for _ in range(2):
-        writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\n\r\n" % server.port)
+        writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port)
     resp = await read_message(reader)
     assert resp.raw == b'HTTP/1.1 %b\r\nETag: "e"\r\n%bConnection: keep-alive\r\n\r\n' % (
         status,
@@ -532,7 +544,7 @@ async def test_expect_100_continue(proxy: RunningProxy, origin: Origin) -> None:
     reader, writer = await client(proxy)
     body = pattern(5000)
     writer.write(
-        b"POST %b/upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+        b"POST %b/upload HTTP/1.1\r\nContent-Length: %d\r\n"
         b"Expect: 100-continue\r\n\r\n" % (origin.url.encode(), len(body))
     )
     interim = await asyncio.wait_for(read_message(reader), 5)  # before we send the body
@@ -553,13 +565,13 @@ async def test_close_delimited_response(proxy: RunningProxy, raw_server: ProxyFa
     script = Script([close_delimited, ok(b"again")], close_after=True)
     server: RawServer = await raw_server(script)
     reader, writer = await client(proxy)
-    writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\n\r\n" % server.port)
+    writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port)
     resp = await read_message(reader)
     # chunked for an HTTP/1.1 client: the client connection stays usable
     assert resp.get("Transfer-Encoding") == "chunked"
     assert resp.get("Connection") == "keep-alive"
     assert resp.body == pattern(200_000)
-    writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\n\r\n" % server.port)
+    writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port)
     assert (await read_message(reader)).body == b"again"
     writer.close()
     await proxy.recorder.wait_destroyed(2)
@@ -576,24 +588,24 @@ async def test_chunked_trailers_and_sizes_relayed(
     script, server = await start_script(raw_server, answer, ok())
     reader, writer = await client(proxy)
     writer.write(
-        b"POST http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"POST http://127.0.0.1:%d/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"2\r\nxy\r\n0\r\nX-Up: 1\r\n\r\n" % server.port
     )
     resp = await read_message(reader)
     # the next chunked request has no trailers: none of the first one's either
     writer.write(
-        b"POST http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"POST http://127.0.0.1:%d/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"0\r\n\r\n" % server.port
     )
     await read_message(reader)
     assert script.requests[1].raw.endswith(b"\r\n\r\n0\r\n\r\n")
     # to an HTTP/1.1 client the chunked body goes as it came: extensions, sizes, trailers
     assert resp.raw == (
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n%bConnection: keep-alive\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\n%bTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n"
         b"3;ext=1\r\nabc\r\n1\r\nd\r\n0\r\nX-Checksum: 42\r\n\r\n" % VIA
     )
     assert script.requests[0].raw == (
-        b"POST / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nTransfer-Encoding: chunked\r\n%b\r\n"
+        b"POST / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n%bTransfer-Encoding: chunked\r\n\r\n"
         b"2\r\nxy\r\n0\r\nX-Up: 1\r\n\r\n" % (server.port, VIA)
     )
     writer.close()
@@ -605,7 +617,7 @@ async def test_h2c_upgrade_is_forwarded_as_plain_request(
     script, server = await start_script(raw_server, ok(b"no h2c here"))
     reader, writer = await client(proxy)
     writer.write(
-        b"POST http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"POST http://127.0.0.1:%d/ HTTP/1.1\r\nConnection: Upgrade, HTTP2-Settings\r\n"
         b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\nContent-Length: 5\r\n\r\n"
         b"hello" % server.port
     )
@@ -677,7 +689,7 @@ async def test_malformed_second_request_and_connect_midway(
         b"GET http://x/ HTTP/1.1\r\nBad Header\r\n\r\n",
     ):
         reader, writer = await client(proxy)
-        writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\n\r\n" % server.port + bad)
+        writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port + bad)
         assert (await read_message(reader)).status == 200  # the good one is still answered
         rest = await asyncio.wait_for(reader.read(), 5)
         assert rest.startswith(b"HTTP/1.1 400 Bad Request\r\n")
@@ -686,7 +698,7 @@ async def test_malformed_second_request_and_connect_midway(
 
 async def test_connection_refused(proxy: RunningProxy) -> None:
     port = closed_port()
-    got = await exchange(proxy, b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\n\r\n" % port)
+    got = await exchange(proxy, b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % port)
     assert got == error_reply(
         b"502 Bad Gateway", b"connection_refused", b"the destination refused the connection"
     )
@@ -699,9 +711,7 @@ async def test_origin_closes_before_response(proxy: RunningProxy, raw_server: Pr
         await writer.drain()
 
     server: RawServer = await raw_server(hang_up)
-    got = await exchange(
-        proxy, b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\n\r\n" % server.port
-    )
+    got = await exchange(proxy, b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port)
     assert got == error_reply(
         b"502 Bad Gateway",
         b"http_response_incomplete",
@@ -711,9 +721,7 @@ async def test_origin_closes_before_response(proxy: RunningProxy, raw_server: Pr
 
 async def test_invalid_response(proxy: RunningProxy, raw_server: ProxyFactory) -> None:
     _, server = await start_script(raw_server, b"SSH-2.0-OpenSSH\r\n\r\n")
-    got = await exchange(
-        proxy, b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\n\r\n" % server.port
-    )
+    got = await exchange(proxy, b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port)
     assert got.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
     assert b"error=http_protocol_error" in got
 
@@ -728,7 +736,7 @@ async def test_origin_reset_mid_response(proxy: RunningProxy, raw_server: ProxyF
     script = Script([partial_then_rst])
     server: RawServer = await raw_server(script)
     reader, writer = await client(proxy)
-    writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\n\r\n" % server.port)
+    writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port)
     head = await reader.readuntil(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK\r\n")
     assert await reader.readexactly(10) == b"0123456789"
@@ -747,7 +755,7 @@ async def test_keepalive_timeout(start_proxy: ProxyFactory, raw_server: ProxyFac
     proxy: RunningProxy = await start_proxy(http_keepalive=0.3)
     _, server = await start_script(raw_server, ok())
     reader, writer = await client(proxy)
-    writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\n\r\n" % server.port)
+    writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port)
     await read_message(reader)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
@@ -767,9 +775,7 @@ async def test_idle_timeout_answers_504(
 
     script = Script([silent])
     server: RawServer = await raw_server(script)
-    got = await exchange(
-        proxy, b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\n\r\n" % server.port
-    )
+    got = await exchange(proxy, b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port)
     assert got == error_reply(
         b"504 Gateway Timeout", b"http_response_timeout", b"the destination did not answer in time"
     )
@@ -784,7 +790,7 @@ async def test_shutdown_closes_idle_keepalive_connections(
     proxy: RunningProxy = await start_proxy()
     _, server = await start_script(raw_server, ok())
     reader, writer = await client(proxy)
-    writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\n\r\n" % server.port)
+    writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port)
     await read_message(reader)
     await asyncio.wait_for(proxy.app.stop(5), 3)
     assert await asyncio.wait_for(reader.read(), 2) == b""
@@ -810,7 +816,7 @@ async def test_slow_client_pauses_the_origin(proxy: RunningProxy, raw_server: Pr
 
     server: RawServer = await raw_server(Script([flood]))
     reader, writer = await client(proxy)
-    writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\n\r\n" % server.port)
+    writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port)
     await reader.readuntil(b"\r\n\r\n")
     await asyncio.sleep(0.5)  # not reading: the proxy must not buffer the rest
     (fwd,) = forwarders(proxy)
@@ -850,8 +856,7 @@ async def test_slow_origin_pauses_the_client(proxy: RunningProxy, raw_server: Pr
     server: RawServer = await raw_server(stall_then_read)
     reader, writer = await client(proxy)
     writer.write(
-        b"PUT http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
-        % (server.port, size)
+        b"PUT http://127.0.0.1:%d/ HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (server.port, size)
     )
 
     async def upload() -> None:
@@ -895,7 +900,7 @@ async def test_reused_connection_dropped_by_origin_is_retried(
     server: RawServer = await raw_server(drop_second)
     reader, writer = await client(proxy)
     for expect in (b"conn 1", b"conn 2"):
-        writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\n\r\n" % server.port)
+        writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port)
         assert (await read_message(reader)).body == expect
     writer.close()
 
@@ -904,7 +909,7 @@ async def test_interim_responses(proxy: RunningProxy, raw_server: ProxyFactory) 
     answer = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n" + ok(b"final")
     _, server = await start_script(raw_server, answer, answer)
     reader, writer = await client(proxy)
-    writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\n\r\n" % server.port)
+    writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port)
     interim = await read_message(reader)
     assert interim.raw == b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n%b\r\n" % VIA
     assert (await read_message(reader)).body == b"final"
@@ -923,9 +928,9 @@ async def test_heads_split_across_reads(proxy: RunningProxy, raw_server: ProxyFa
 
     server: RawServer = await raw_server(Script([dribble, dribble]))
     reader, writer = await client(proxy)
-    writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\n\r\n" % server.port)
+    writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port)
     assert (await read_message(reader)).body == b"hello"
-    writer.write(b"HEAD http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\n\r\n" % server.port)
+    writer.write(b"HEAD http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port)
     resp = await read_message(reader, bodyless=True)
     assert resp.get("Content-Length") == "5"
     writer.close()
@@ -934,9 +939,7 @@ async def test_heads_split_across_reads(proxy: RunningProxy, raw_server: ProxyFa
 async def test_oversized_response_head(proxy: RunningProxy, raw_server: ProxyFactory) -> None:
     big = b"HTTP/1.1 200 OK\r\n" + b"X-Big: " + b"y" * 70000 + b"\r\n\r\n"
     _, server = await start_script(raw_server, big)
-    got = await exchange(
-        proxy, b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\n\r\n" % server.port
-    )
+    got = await exchange(proxy, b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port)
     assert got.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
     assert b"error=http_response_header_section_size" in got
 
@@ -948,7 +951,7 @@ async def test_bytes_after_a_response_end_the_upstream_connection(
     server: RawServer = await raw_server(script)
     reader, writer = await client(proxy)
     for expect in (b"one", b"two"):
-        writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\n\r\n" % server.port)
+        writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port)
         assert (await read_message(reader)).body == expect
     assert script.connections == 2
     writer.close()
@@ -966,8 +969,7 @@ async def test_early_response_closes_the_connection(
     server: RawServer = await raw_server(refuse)
     reader, writer = await client(proxy)
     writer.write(
-        b"POST http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
-        % server.port
+        b"POST http://127.0.0.1:%d/ HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n" % server.port
     )
     writer.write(b"x" * 1000)
     resp = await read_message(reader)
@@ -987,7 +989,7 @@ async def test_client_half_close_after_request(
 
     server: RawServer = await raw_server(Script([slow]))
     reader, writer = await client(proxy)
-    writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\n\r\n" % server.port)
+    writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port)
     writer.write_eof()
     raw = await asyncio.wait_for(reader.read(), 5)
     assert raw.endswith(b"\r\n\r\nlate")
@@ -999,8 +1001,7 @@ async def test_client_gone_mid_upload(proxy: RunningProxy, raw_server: ProxyFact
     server: RawServer = await raw_server(script)
     _, writer = await client(proxy)
     writer.write(
-        b"POST http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
-        % server.port
+        b"POST http://127.0.0.1:%d/ HTTP/1.1\r\nContent-Length: 100000\r\n\r\n" % server.port
     )
     writer.write(b"x" * 5000)
     await writer.drain()
@@ -1018,7 +1019,7 @@ async def test_bad_chunk_in_upload(proxy: RunningProxy, raw_server: ProxyFactory
     server: RawServer = await raw_server(swallow)
     got = await exchange(
         proxy,
-        b"POST http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"POST http://127.0.0.1:%d/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"5\r\nhello\r\nzz\r\n" % server.port,
     )
     assert got.startswith(b"HTTP/1.1 400 Bad Request\r\n")
@@ -1028,7 +1029,7 @@ async def test_idle_upstreams_are_bounded(proxy: RunningProxy, raw_server: Proxy
     scripts = [await start_script(raw_server, ok(), ok()) for _ in range(MAX_IDLE_UPSTREAMS + 1)]
     reader, writer = await client(proxy)
     for _, server in scripts:
-        writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\n\r\n" % server.port)
+        writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port)
         await read_message(reader)
     (fwd,) = forwarders(proxy)
     assert len(fwd.idle) == MAX_IDLE_UPSTREAMS
@@ -1048,7 +1049,7 @@ async def test_draining_proxy_finishes_the_response(
 
     server: RawServer = await raw_server(Script([wait]))
     reader, writer = await client(proxy)
-    writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\n\r\n" % server.port)
+    writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port)
     await asyncio.sleep(0.1)
     (fwd,) = forwarders(proxy)
     fwd.shutdown(False)
@@ -1083,7 +1084,7 @@ async def test_proxy_authentication(auth_proxy: RunningProxy, origin: Origin) ->
     for args in (["--proxy-user", "alice:wrong"], []):
         rc, _, err = await curl("-x", auth_proxy.http_url, "--fail", *args, url)
         assert rc != 0 and b"407" in err, err
-    got = await exchange(auth_proxy, b"GET %b HTTP/1.1\r\nHost: x\r\n\r\n" % url.encode())
+    got = await exchange(auth_proxy, b"GET %b HTTP/1.1\r\n\r\n" % url.encode())
     assert got.startswith(b"HTTP/1.1 407 Proxy Authentication Required\r\n")
     assert b'\r\nProxy-Authenticate: Basic realm="proxytap", charset="UTF-8"\r\n' in got
     assert auth_proxy.app.services.refusals[("auth", "bad credentials")] == 1
@@ -1095,9 +1096,7 @@ async def test_proxy_authentication(auth_proxy: RunningProxy, origin: Origin) ->
     reader, writer = await client(auth_proxy)
     creds = basic_credentials("alice", "s3cret").encode()
     for _ in range(3):
-        writer.write(
-            b"GET %b HTTP/1.1\r\nHost: x\r\nProxy-Authorization: %b\r\n\r\n" % (url.encode(), creds)
-        )
+        writer.write(b"GET %b HTTP/1.1\r\nProxy-Authorization: %b\r\n\r\n" % (url.encode(), creds))
         assert (await read_message(reader)).body == b"hello GET /hello"
     assert auth.successes == before + 1
     (fwd,) = forwarders(auth_proxy)
@@ -1114,19 +1113,19 @@ async def test_destination_policy_and_dns_errors(start_proxy: ProxyFactory) -> N
 
     cfg = Config(listeners=(ListenerConfig(kind="http", address="127.0.0.1:0", name="http"),))
     proxy: RunningProxy = await start_proxy(cfg, resolver=Resolver())
-    got = await exchange(proxy, b"GET http://no-such-host.invalid/ HTTP/1.1\r\nHost: x\r\n\r\n")
+    got = await exchange(proxy, b"GET http://no-such-host.invalid/ HTTP/1.1\r\n\r\n")
     assert got == error_reply(
         b"502 Bad Gateway", b"dns_error", b"the destination name could not be resolved"
     )
     # loopback is not a destination by default (an open proxy into the host)
-    got = await exchange(proxy, b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: x\r\n\r\n")
+    got = await exchange(proxy, b"GET http://127.0.0.1:1/ HTTP/1.1\r\n\r\n")
     assert got.startswith(b"HTTP/1.1 403 Forbidden\r\n")
 
 
 # -- WebSocket handshakes, raw ---------------------------------------------------------------
 
 WS_HEAD = (
-    b"GET http://127.0.0.1:%d/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+    b"GET http://127.0.0.1:%d/ws HTTP/1.1\r\nConnection: Upgrade\r\n"
     b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
     b"Sec-WebSocket-Key: a2V5a2V5a2V5a2V5a2V5a2V5\r\n\r\n"
 )
@@ -1168,7 +1167,7 @@ async def test_websocket_tunnel_bytes_exact(proxy: RunningProxy, raw_server: Pro
     assert await asyncio.wait_for(reader.read(), 5) == b""  # the origin closed: so do we
     writer.close()
     assert received.startswith(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % server.port)
-    assert b"\r\nConnection: Upgrade\r\nVia: 1.1 proxytap\r\n\r\nearlylater" in received
+    assert b"\r\nVia: 1.1 proxytap\r\nConnection: Upgrade\r\n\r\nearlylater" in received
     await proxy.recorder.wait_destroyed(1)
     (flow,) = proxy.recorder.flows()
     assert proxy.recorder.data(flow, UP) == bytes(received)
@@ -1183,7 +1182,7 @@ async def test_websocket_refused_by_origin(proxy: RunningProxy, raw_server: Prox
     writer.write(WS_HEAD % server.port)
     resp = await read_message(reader)
     assert resp.status == 403 and resp.body == b"no"
-    writer.write(b"GET http://127.0.0.1:%d/next HTTP/1.1\r\nHost: x\r\n\r\n" % server.port)
+    writer.write(b"GET http://127.0.0.1:%d/next HTTP/1.1\r\n\r\n" % server.port)
     assert (await read_message(reader)).body == b"next"
     assert script.connections == 1
     writer.close()
@@ -1193,9 +1192,9 @@ async def test_pipelined_requests_with_bodies(proxy: RunningProxy, origin: Origi
     reader, writer = await client(proxy)
     url = f"{origin.url}/upload".encode()
     writer.write(
-        b"POST %b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
-        b"POST %b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
-        b"GET %b/hello HTTP/1.1\r\nHost: x\r\n\r\n" % (url, url, origin.url.encode())
+        b"POST %b HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"
+        b"POST %b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        b"GET %b/hello HTTP/1.1\r\n\r\n" % (url, url, origin.url.encode())
     )
     first, second, third = [await read_message(reader) for _ in range(3)]
     assert first.body.decode() == f"5 {hashlib.sha256(b'hello').hexdigest()}"
