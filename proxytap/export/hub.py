@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Protocol
 
-from proxytap.flows.table import DOWN, UP, CloseReason, Flow
+from proxytap.flows.table import DOWN, UP, CloseReason, Endpoint, Flow
 
 if TYPE_CHECKING:
     from proxytap.proto.classify import Classifier
@@ -98,6 +98,22 @@ class Hub:
         for sub in self.subscribers:
             try:
                 sub.flow_destroyed(flow, reason, now)
+            except Exception:
+                self._failed(sub)
+
+    def datagram(
+        self, src: Endpoint, dst: Endpoint, data: bytes, now: float, *, hop: int = 0
+    ) -> None:
+        """One UDP datagram (SOCKS5 UDP ASSOCIATE): DATA only, no CREATED/DESTROYED.
+
+        ``src`` sent it to ``dst``; sinks that export UDP implement ``datagram``.
+        """
+        for sub in self.subscribers:
+            send = getattr(sub, "datagram", None)
+            if send is None:
+                continue
+            try:
+                send(src, dst, data, now, hop=hop)
             except Exception:
                 self._failed(sub)
 

@@ -451,13 +451,14 @@ async def test_balance_by_flow_hash(home: Path) -> None:
 
 
 async def test_udp_datagrams(served: tuple[Hub, SftapServer]) -> None:
-    _, server = served
+    hub, server = served
     dns = await tap(server, "udp/dns")
     other = await tap(server, "udp/default")
-    server.datagram(("10.0.0.1", 5000), ("10.0.0.53", 53), b"\x12\x34query", 5.5)
-    server.datagram(("10.0.0.53", 53), ("10.0.0.1", 5000), b"\x12\x34answer", 5.75)
-    server.datagram(("10.0.0.1", 5000), ("10.0.0.9", 9999), b"other", 6.0)
-    server.datagram(("10.0.0.1", 5000), ("10.0.0.9", 9999), b"", 6.0)
+    # through the hub, as a SOCKS5 UDP relay will send them
+    hub.datagram(("10.0.0.1", 5000), ("10.0.0.53", 53), b"\x12\x34query", 5.5)
+    hub.datagram(("10.0.0.53", 53), ("10.0.0.1", 5000), b"\x12\x34answer", 5.75)
+    hub.datagram(("10.0.0.1", 5000), ("10.0.0.9", 9999), b"other", 6.0)
+    hub.datagram(("10.0.0.1", 5000), ("10.0.0.9", 9999), b"", 6.0)
     (q, qb), (a, ab) = await dns.event(), await dns.event()
     assert (q.event, q.key.l4, q.match, q.from_, qb) == (DATA, "udp", "none", 1, b"\x12\x34query")
     assert (q.key.ip1, q.key.port1, q.key.ip2, q.key.port2) == ("10.0.0.1", 5000, "10.0.0.53", 53)
