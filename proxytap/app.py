@@ -18,6 +18,7 @@ from typing import Any
 
 from proxytap.admin import AdminServer
 from proxytap.config import Config
+from proxytap.errors import ConfigError
 from proxytap.export.hub import Hub
 from proxytap.front.listener import bound_addresses, start_listener
 from proxytap.front.services import Services
@@ -133,7 +134,11 @@ class App:
 
 async def serve(config: Config) -> int:
     """Run until SIGTERM or SIGINT, then drain and stop; the process exit code."""
-    app = App(config)
+    try:
+        app = App(config)  # loads the listeners' modules
+    except ConfigError as exc:
+        log.error("config error: %s", exc)
+        return 2
     try:
         await app.start()
     except OSError as exc:

@@ -21,6 +21,7 @@ from proxytap.config import (
     parse_hostport,
 )
 from proxytap.errors import ConfigError
+from proxytap.modules.loader import check_modules
 
 DESCRIPTION = """\
 proxytap: an explicit forwarding proxy (HTTP CONNECT, plain HTTP, SOCKS4/4a/5)
@@ -245,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args)
     if args.command == "check-config":
         try:
-            load(args.file)
+            check_modules(load(args.file))
         except ConfigError as exc:
             print(f"proxytap: config error: {exc}", file=sys.stderr)
             return 2

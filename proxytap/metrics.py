@@ -83,6 +83,10 @@ METRICS: dict[str, tuple[str, str]] = {
         "counter",
         "Tunnels whose TLS ClientHello named another host than the request",
     ),
+    "proxytap_module_errors_total": (
+        "counter",
+        "Module hook calls that raised or broke a head and failed closed, by module",
+    ),
     "proxytap_downstream_http_requests_total": (
         "counter",
         "Plain-HTTP requests answered, by status class and by who answered (origin or proxy)",
@@ -307,6 +311,10 @@ class ProxytapCollector(Collector):
             METRICS["proxytap_downstream_sni_mismatches_total"][1],
             value=stats.sni_mismatches,
         )
+        family = _counter("proxytap_module_errors_total", ("module",))
+        modules = {m.name: 0 for chain in services.chains.values() for m in chain.modules}
+        _fill(family, {**modules, **stats.module_errors})
+        yield family
         responses: Counter[tuple[str, str]] = Counter(
             {(c, r): 0 for c in STATUS_CLASSES for r in RESPONDERS}
         )

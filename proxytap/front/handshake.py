@@ -200,7 +200,12 @@ class ClientConnection(asyncio.Protocol):
             self._deny(*self.refusal)
             return
         request = RequestHead(head.method, head.target, head.version, head.headers)
-        self.services.rules.validate_request(request)  # the same rules as forwarded heads
+        try:
+            self.services.rules.validate_request(request)  # the same rules as forwarded heads
+        except ProtocolError:
+            raise
+        except Exception as exc:  # a bug in a rule: fail closed (500), logged and counted
+            raise self.chain.failed(self.chain.names[0][0], "request", exc) from exc
         credentials = head.values("proxy-authorization")
         self._begin(request.host, request.port, "http-connect", bytes(self.buf[end:]), credentials)
 

@@ -518,15 +518,20 @@ class HttpForwarder(asyncio.Protocol):
         version = _VERSIONS.get(number) or b"HTTP/" + number.encode("ascii", "replace")
         parts = self.url_parts
         chain = self.chain
-        to = self.rules.prepare_request(
-            method,
-            parts[0] if len(parts) == 1 else b"".join(parts),
-            version,
-            self.headers,
-            self.client_ip,
-            chain.rewrite_requests,
-            self.head_size <= CACHE_HEAD,
-        )
+        try:
+            to = self.rules.prepare_request(
+                method,
+                parts[0] if len(parts) == 1 else b"".join(parts),
+                version,
+                self.headers,
+                self.client_ip,
+                chain.rewrite_requests,
+                self.head_size <= CACHE_HEAD,
+            )
+        except ProtocolError:
+            raise
+        except Exception as exc:  # a bug in a rule: fail closed (500), logged and counted
+            raise chain.failed(chain.names[0][0], "request", exc) from exc
         http10 = to.version == b"HTTP/1.0"
         req = _Request(to, http10, self.loop.time())
         if not http10:
@@ -1384,6 +1389,8 @@ class _Upstream(asyncio.Protocol):
                 block = serialize(h.headers)
         except ProtocolError as exc:
             raise _BadResponse.of(exc) from None
+        except Exception as exc:  # a bug in a rule: fail closed, logged and counted
+            raise _BadResponse.of(chain.failed(chain.names[1][0], "response", exc)) from None
         if status < 200:
             self._interim(req, status, line, block)
             return

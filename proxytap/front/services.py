@@ -26,7 +26,7 @@ from proxytap.front.upstream import (
     open_upstream,
 )
 from proxytap.modules.chain import Chain
-from proxytap.modules.loader import build_chains
+from proxytap.modules.loader import build_chains, header_rules
 from proxytap.policy.acl import ClientAcl, DestinationPolicy, build_policy
 from proxytap.policy.headers import HeaderRules
 
@@ -84,13 +84,7 @@ class Services:
         cfg = self.config
         self.clients, self.destinations = build_policy(cfg.access)
         self.auth = Authenticator.from_config(cfg.auth)
-        self.rules = HeaderRules.from_config(
-            cfg.http,
-            proxy_name=cfg.proxy_name,
-            max_head=cfg.limits.max_head,
-            max_request_line=cfg.limits.max_request_line,
-            max_headers=cfg.limits.max_headers,
-        )
+        self.rules = header_rules(cfg)
         # loads user modules: a ConfigError here stops start-up
         self.chains = build_chains(cfg, self.rules, self.stats.module_errors)
 

@@ -76,6 +76,7 @@ class Chain:
         for module in (*client_to_server, *server_to_client):
             if not any(module is seen for seen in unique):
                 unique.append(module)
+        self.modules = tuple(unique)  # every module of the listener, once
         self.connect_hooks = _hooks(unique, "on_connect")
         self.close_hooks = _hooks(unique, "on_close")
         # a context is needed at all (else the fast paths skip every module call)

@@ -102,3 +102,20 @@ def build_chains(config: Config, rules: HeaderRules, errors: Counter[str]) -> di
         if name not in used and not any(Path(u).stem == name for u in used):
             raise ConfigError(f"modules.options.{name}", "no listener chain names this module")
     return chains
+
+
+def header_rules(config: Config) -> HeaderRules:
+    """The compiled header rules of a configuration (``[http]`` and ``[limits]``)."""
+    limits = config.limits
+    return HeaderRules.from_config(
+        config.http,
+        proxy_name=config.proxy_name,
+        max_head=limits.max_head,
+        max_request_line=limits.max_request_line,
+        max_headers=limits.max_headers,
+    )
+
+
+def check_modules(config: Config) -> None:
+    """Load every module the listeners name, as start-up would (``ConfigError`` if one fails)."""
+    build_chains(config, header_rules(config), Counter())
