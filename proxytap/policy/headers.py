@@ -602,7 +602,8 @@ class HeaderRules:
             raise _response_error("too many header fields in the response", RESPONSE_TOO_BIG)
         if not fields:
             return fields
-        if _NAMES.fullmatch(b":".join([n for n, _ in fields])) is None:
+        names = b":".join([n for n, _ in fields])  # one match for all: ":" is no tchar
+        if _NAMES.fullmatch(names) is None or names.count(b":") != len(fields) - 1:
             bad = next(n for n, _ in fields if _TOKEN.fullmatch(n) is None)
             why = "obsolete line folding" if bad[:1] in (b" ", b"\t") else "invalid header name"
             if request:
