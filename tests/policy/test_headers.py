@@ -690,3 +690,61 @@ def test_fuzz_valid_heads_are_accepted_and_clean(headers: H, mode: str, client: 
     kept = [(n, v) for n, v in headers if n.lower() not in HOP | connection | forwarding]
     assert head.headers[-1] == (b"Via", b"1.1 proxytap")  # ours, last
     assert [f for f in head.headers[:-1] if f[0].lower() not in forwarding] == kept
+
+
+# -- no parser differential: what the rules accept, llhttp frames the same way --------
+
+
+class _Frames:
+    def __init__(self) -> None:
+        self.headers: H = []
+        self.body = b""
+        self.complete = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+TE_VALUES = st.lists(
+    st.sampled_from([b"chunked", b"Chunked", b"gzip", b"x", b" ", b"\t", b","]),
+    min_size=1,
+    max_size=6,
+).map(b"".join)
+
+
+@FUZZ
+@given(value=TE_VALUES, response=st.booleans())
+def test_fuzz_transfer_encoding_agrees_with_llhttp(value: bytes, response: bool) -> None:
+    """The forwarder frames with llhttp and rewrites with these rules: they must agree."""
+    import httptools
+
+    frames = _Frames()
+    if response:
+        parser: Any = httptools.HttpResponseParser(frames)
+        start = b"HTTP/1.1 200 OK\r\n"
+    else:
+        parser = httptools.HttpRequestParser(frames)
+        start = b"POST http://example.com/ HTTP/1.1\r\n"
+    try:
+        parser.feed_data(start + b"Transfer-Encoding: " + value + b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+    except httptools.HttpParserError:
+        return  # llhttp refuses it: nothing is forwarded whatever the rules say
+    if not frames.headers:
+        return
+    try:
+        if response:
+            head: Any = ResponseHead(200, b"HTTP/1.1", frames.headers)
+            RULES.validate_response(head)
+        else:
+            head = RequestHead(b"POST", URL, b"HTTP/1.1", frames.headers)
+            RULES.validate_request(head)
+    except ProtocolError:
+        return
+    llhttp_chunked = frames.complete and frames.body == b"abc"
+    assert head.chunked == llhttp_chunked, (value, head.codings)
