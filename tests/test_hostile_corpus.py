@@ -779,3 +779,40 @@ async def test_hostile_corpus(
     # the proxy is still fine, and counted what it refused
     assert not proxy.app.services.stats.module_errors
     assert proxy.app.services.stats.protocol_errors["http"] >= 80
+
+
+PARITY = [
+    c
+    for c in CORPUS
+    if c.listener == "http"
+    and len(c.answers) == 1
+    and not c.dribble
+    and c.error is not None
+    and not c.send.startswith((b"CONNECT", b"connect", b"\x16"))
+    and b"{E}" not in c.send
+]
+
+
+async def test_first_and_later_heads_get_the_same_answer(
+    start_proxy: ProxyFactory, strict_origin: StrictOrigin
+) -> None:
+    """The first head of a connection (read by the handshake) and a later one (read by the
+    forwarder) go through the same parser and the same rules: a refused head gets the same
+    answer in either place, so no parser differential sits between them."""
+    assert len(PARITY) >= 80
+    proxy: RunningProxy = await start_proxy(handshake=0.5)
+    ports = {b"{P}": strict_origin.port}
+    problems = {}
+    for case in PARITY:
+        later = Case(
+            case.id,
+            GET + b"\r\n" + case.send,
+            (200, *case.answers),
+            case.error,
+            forwarded=1 + case.forwarded,
+        )
+        problem = await run_case(later, proxy, ports)
+        if problem is not None:
+            problems[case.id] = problem
+    assert problems == {}, "\n".join(f"{k}: {v}" for k, v in problems.items())
+    assert strict_origin.violations == []

@@ -25,6 +25,7 @@ from proxytap.flows.table import DOWN, UP, CloseReason
 from proxytap.front.http_forward import MAX_IDLE_UPSTREAMS, HttpForwarder
 from proxytap.front.upstream import SystemResolver
 from proxytap.policy.auth import AuthConfig, basic_credentials
+from proxytap.policy.headers import HttpConfig
 from tests.conftest import (
     TEST_ACCESS,
     Origin,
@@ -1201,3 +1202,87 @@ async def test_pipelined_requests_with_bodies(proxy: RunningProxy, origin: Origi
     assert second.body.decode() == f"3 {hashlib.sha256(b'abc').hexdigest()}"
     assert third.body == b"hello GET /hello"
     writer.close()
+
+
+# -- the header rules' configuration ([http]) ----------------------------------------------
+
+
+def http_config(**http: Any) -> Config:
+    return Config(
+        listeners=(ListenerConfig(kind="http", address="127.0.0.1:0", name="http"),),
+        access=TEST_ACCESS,
+        http=HttpConfig(**http),
+    )
+
+
+async def test_forwarded_for_via_and_rules(
+    start_proxy: ProxyFactory, raw_server: ProxyFactory
+) -> None:
+    cfg = http_config(
+        via="edge7",
+        forwarded_for="on",
+        request_rules=(
+            {"action": "remove", "name": "Cookie"},
+            {"action": "set", "name": "User-Agent", "value": "proxytap"},
+        ),
+        response_rules=(
+            {"action": "remove", "name": "Server"},
+            {"action": "add", "name": "X-Content-Type-Options", "value": "nosniff"},
+        ),
+    )
+    proxy: RunningProxy = await start_proxy(cfg)
+    script, server = await start_script(raw_server, ok(b"hi", b"Server: origin/1.0\r\n"))
+    reader, writer = await client(proxy)
+    writer.write(
+        b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nCookie: a=1\r\nUser-Agent: curl\r\n"
+        b"X-Forwarded-For: 203.0.113.9\r\nForwarded: for=203.0.113.9\r\n\r\n" % server.port
+    )
+    resp = await read_message(reader)
+    writer.close()
+    (req,) = script.requests
+    assert req.raw == (
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+        b"X-Forwarded-For: 203.0.113.9, 127.0.0.1\r\nForwarded: for=203.0.113.9, for=127.0.0.1\r\n"
+        b"User-Agent: proxytap\r\nVia: 1.1 edge7\r\n\r\n" % server.port
+    )
+    assert resp.raw == (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Content-Type-Options: nosniff\r\n"
+        b"Via: 1.1 edge7\r\nConnection: keep-alive\r\n\r\nhi"
+    )
+
+
+async def test_default_forwarded_for_deletes_and_via_off(
+    start_proxy: ProxyFactory, raw_server: ProxyFactory
+) -> None:
+    proxy: RunningProxy = await start_proxy(http_config(via=""))
+    script, server = await start_script(raw_server, ok())
+    reader, writer = await client(proxy)
+    writer.write(
+        b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nX-Forwarded-For: 10.9.9.9\r\n"
+        b"Forwarded: for=10.9.9.9\r\nX-A: 1\r\n\r\n" % server.port
+    )
+    resp = await read_message(reader)
+    writer.close()
+    assert script.requests[0].raw == b"GET / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nX-A: 1\r\n\r\n" % (
+        server.port
+    )
+    assert "via" not in resp.names()
+
+
+async def test_methods_outside_the_configured_set(
+    start_proxy: ProxyFactory, raw_server: ProxyFactory
+) -> None:
+    proxy: RunningProxy = await start_proxy(http_config(methods=("GET", "HEAD")))
+    script, server = await start_script(raw_server, ok())
+    for method in (b"DELETE", b"POST"):
+        got = await exchange(
+            proxy, b"%b http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % (method, server.port)
+        )
+        assert got == error_reply(
+            b"501 Not Implemented",
+            b"http_request_denied",
+            b"method %b is not allowed" % method,
+        )
+    got = await exchange(proxy, b"CONNECT 127.0.0.1:%d HTTP/1.1\r\n\r\n" % server.port)
+    assert got.startswith(b"HTTP/1.1 501 Not Implemented\r\n")
+    assert script.connections == 0
