@@ -12,25 +12,38 @@ proxy wrote to the origin (the rewritten head, the body as framed), DOWN
 exactly what the origin sent.
 
 Decisions
-    * Targets: only ``http://`` absolute-form is forwarded. Origin-form
-      (``GET /x``) and asterisk-form get 400 (proxytap is a forward proxy, not
-      a reverse proxy); other schemes (``https://`` outside CONNECT, ``ftp://``)
-      get 501: the request is valid HTTP, proxytap does not implement it.
-      userinfo in the URL, a bad host or port, several ``Host`` fields: 400.
-      CONNECT after the first request of a connection: 400 (tunnels start on a
-      fresh connection). Bare-LF line endings are refused (llhttp strict).
-    * Limits: the request line (``limits.max_request_line``, 414) and the head
-      (``limits.max_head``, 431) are counted while llhttp parses; a response
-      head over ``max_head`` is a 502.
+    * Heads: llhttp parses every request head of the connection, the first one
+      included (the handshake only frames it), and the header rules
+      (``proxytap.policy.headers``, the built-in modules ``validate`` and
+      ``rewrite``) judge and rewrite each one: framing, field syntax, limits,
+      targets, ``Host`` (it must match the URI: 400 otherwise), methods,
+      hop-by-hop fields, Forwarded / X-Forwarded-For, Via, user rules. The
+      statuses are documented there. The rules memoize heads they have seen
+      (``HeaderRules.prepare_request`` / ``prepare_response``): the hot path
+      of a repeated request costs a dict lookup. CONNECT after the first
+      request of a connection: 400 (tunnels start on a fresh connection).
+    * Limits: the request line (``limits.max_request_line``, 414), the head
+      (``limits.max_head``) and the field count (``limits.max_headers``, 431)
+      are counted while llhttp parses, so nothing over a limit is buffered; a
+      response head over ``max_head`` is a 502.
     * Policy: ``Services.connect`` judges every destination (name, then each
       address) with the connection's user. With authentication configured,
       every request needs ``Proxy-Authorization`` (407 and a challenge
       otherwise); a value verified once on a connection is not checked again.
     * Rewriting: the request goes upstream as ``METHOD origin-form HTTP/1.1``
-      with ``Host`` first, taken from the URL (RFC 9112 section 3.2.2: the URI
-      wins over a disagreeing Host field), hop-by-hop fields removed both ways
-      (``proxytap.policy.hopbyhop``), ``Via`` added both ways; ``Connection``
-      towards the client is ours (keep-alive or close).
+      with ``Host`` first (from the URI), the rewritten fields, then our own
+      framing (``Transfer-Encoding`` when the body is chunked again,
+      ``Connection: Upgrade`` for WebSocket); ``Connection`` towards the client
+      is ours (keep-alive or close).
+    * Modules (``proxytap.modules``): with user modules on the listener each
+      request gets a ``Context``; ``on_connect`` and the request hooks run when
+      the request becomes active (its user is known then), body bytes read
+      before that wait, as they came, for the hooks. Response hooks run on
+      the memoized response head; body hooks see de-chunked bodies (chunked
+      responses are then de-chunked and chunked again: ``_RECHUNK``). A
+      refusal or a module error before the response answers with its status
+      (500 for errors) and closes the connection; after it, the connection is
+      closed. Without modules nothing of this runs.
     * Request bodies stream; nothing is held whole. Content-Length bodies go
       through byte for byte; llhttp hands over chunked bodies de-chunked, so
       they are chunked again (same transfer codings, chunk sizes as read,
