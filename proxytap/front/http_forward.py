@@ -171,8 +171,11 @@ def _refusal(reason: str, status: int = 400) -> ProtocolError:
     return ProtocolError(reason, status=status, proxy_status="http_request_error")
 
 
-def _wire(head: RequestHead) -> bytes:
-    """What goes upstream: origin-form, HTTP/1.1, Host first, our own framing fields."""
+def _wire(head: RequestHead, changed: bool = False) -> bytes:
+    """What goes upstream: origin-form, HTTP/1.1, Host first, our own framing fields.
+
+    ``changed``: modules changed the head (its fields are serialized afresh).
+    """
     out = [
         head.method,
         b" ",
@@ -180,7 +183,7 @@ def _wire(head: RequestHead) -> bytes:
         b" HTTP/1.1\r\nHost: ",
         head.authority,
         _CRLF,
-        serialize(head.headers),
+        serialize(head.headers) if changed else head.serialized(),
     ]
     if head.codings:
         out += (b"Transfer-Encoding: ", head.codings, _CRLF)
@@ -588,7 +591,7 @@ class HttpForwarder(asyncio.Protocol):
             head = req.to.copy()
             chain.request(ctx, head)
             req.to = head
-            req.head = _wire(head)
+            req.head = _wire(head, changed=True)
         else:
             req.head = _wire_cached(req.to)
         held = req.held

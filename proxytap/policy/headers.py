@@ -97,8 +97,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-import httptools
-
 from proxytap.errors import ConfigError, ProtocolError
 from proxytap.policy.hopbyhop import (
     HOP_BY_HOP,
@@ -241,50 +239,72 @@ class Target:
     path: bytes  # origin-form (or "*" for OPTIONS)
 
 
-@functools.lru_cache(maxsize=1024)
+_SCHEME: Final = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*")
+
+
 def parse_target(url: bytes, method: bytes) -> Target:
-    """Check an absolute-form request target; raises ``ProtocolError``."""
+    """Check an absolute-form request target; raises ``ProtocolError``.
+
+    The authority is parsed once per distinct value (memoized); the rest of the
+    URI is cut off as it is (characters checked, the fragment dropped).
+    """
     if url.startswith(b"/"):
         raise _request_error(ORIGIN_FORM_REASON)
     if url == b"*":
         raise _request_error("asterisk-form is for origin servers: " + ORIGIN_FORM_REASON)
     if _VISIBLE.fullmatch(url) is None:
         raise _request_error("invalid character in request target")
-    try:
-        parsed = httptools.parse_url(url)
-    except httptools.HttpParserInvalidURLError:
-        raise _request_error("invalid request target") from None
-    schema = (parsed.schema or b"").lower()
-    if schema != b"http":
-        if schema == b"https":
+    scheme, sep, rest = url.partition(b"://")
+    if not sep or _SCHEME.fullmatch(scheme) is None:
+        raise _request_error("invalid request target")
+    scheme = scheme.lower()
+    if scheme != b"http":
+        if scheme == b"https":
             raise _request_error(
                 "https:// URLs go through a CONNECT tunnel, not a plain request", 501
             )
         raise _request_error("only http:// URLs are forwarded", 501)
-    if parsed.userinfo:
+    end = len(rest)
+    for sep in (b"/", b"?", b"#"):
+        i = rest.find(sep, 0, end)
+        if i >= 0:
+            end = i
+    authority = rest[:end]
+    host, port = _http_authority(authority)
+    path = rest[end:]
+    if b"#" in path:
+        path = path.partition(b"#")[0]
+    if not path:
+        path = b"*" if method == b"OPTIONS" else b"/"
+    elif path[0] == 0x3F:  # "?"
+        path = b"/" + path
+    return Target(host, port, authority, path)
+
+
+@functools.lru_cache(maxsize=1024)
+def _http_authority(authority: bytes) -> tuple[str, int]:
+    """``host[:port]`` of an http URI: normalized host, port (80 when absent)."""
+    if b"@" in authority:
         raise _request_error("userinfo is not allowed in an http URI")
-    try:
-        checked = normalize_host(parsed.host.decode("ascii")) if parsed.host else None
-    except UnicodeDecodeError:
-        checked = None
+    if authority.startswith(b"["):
+        host, bracket, rest = authority[1:].partition(b"]")
+        if not bracket or b":" not in host:
+            raise _request_error("invalid host in request target")
+    else:
+        host, colon, port_text = authority.partition(b":")
+        rest = colon + port_text
+    port = 80
+    if rest:
+        digits = rest[1:]
+        if rest[:1] != b":" or not digits.isdigit() or len(digits) > 5:
+            raise _request_error("invalid port in request target")
+        port = int(digits)
+        if not 1 <= port <= 65535:
+            raise _request_error("invalid port in request target")
+    checked = normalize_host(host.decode("ascii")) if host else None  # _VISIBLE: ASCII
     if checked is None:
         raise _request_error("invalid host in request target")
-    port = 80 if parsed.port is None else parsed.port
-    if not 1 <= port <= 65535:
-        raise _request_error("invalid port in request target")
-    start = len(schema) + 3  # "http://"
-    end = len(url)
-    for sep in b"/?#":
-        i = url.find(bytes((sep,)), start)
-        if 0 <= i < end:
-            end = i
-    authority = url[start:end]
-    rest = url[end:].partition(b"#")[0]
-    if not rest:
-        rest = b"*" if method == b"OPTIONS" else b"/"
-    elif rest.startswith(b"?"):
-        rest = b"/" + rest
-    return Target(checked[0], port, authority, rest)
+    return checked[0], port
 
 
 @functools.lru_cache(maxsize=1024)
@@ -331,6 +351,7 @@ class RequestHead:
 
     __slots__ = (
         "authority",
+        "block",
         "chunked",
         "client",
         "close",
@@ -358,7 +379,11 @@ class RequestHead:
         self.method = _b(method)
         self.target = _b(target)
         self.version = _b(version)
-        self.headers: Fields = as_bytes(headers)
+        if isinstance(headers, list) and (not headers or type(headers[0][0]) is bytes):
+            self.headers: Fields = list(headers)  # bytes already (the forwarder's case)
+        else:
+            self.headers = as_bytes(headers)
+        self.block: bytes | None = None  # serialized(), once; None after a change
         self.client = client  # the client's address, for Forwarded / X-Forwarded-For
         self.host = ""
         self.port = 0
@@ -380,7 +405,33 @@ class RequestHead:
         for name in RequestHead.__slots__:
             setattr(other, name, getattr(self, name))
         other.headers = list(self.headers)
+        other.block = None
         return other
+
+    def retarget(self, target: bytes) -> RequestHead:
+        """A copy for another target (``headers`` shared, not copied); routing unset."""
+        other = RequestHead.__new__(RequestHead)
+        other.method = self.method
+        other.target = target
+        other.version = self.version
+        other.headers = self.headers
+        other.block = self.block
+        other.client = self.client
+        other.host, other.port, other.authority, other.path = "", 0, b"", b""
+        other.length = self.length
+        other.chunked = self.chunked
+        other.codings = self.codings
+        other.websocket = self.websocket
+        other.close = self.close
+        other.credentials = self.credentials
+        return other
+
+    def serialized(self) -> bytes:
+        """``headers`` as ``name: value CRLF`` lines (kept: heads from the memo share it)."""
+        block = self.block
+        if block is None:
+            block = self.block = serialize(self.headers)
+        return block
 
     # helpers for modules
     def get(self, name: bytes | str) -> bytes | None:
@@ -571,6 +622,7 @@ class HeaderRules:
         self.max_request_line = max_request_line
         self.max_headers = max_headers
         self._requests: dict[tuple[Any, ...], RequestHead] = {}
+        self._shapes: dict[tuple[Any, ...], tuple[RequestHead, bytes | None, int]] = {}
         self._responses: dict[tuple[bytes, int, bool], tuple[bytes, ResponseHead, bytes]] = {}
 
     @classmethod
@@ -597,14 +649,15 @@ class HeaderRules:
 
     # -- shared checks ------------------------------------------------------------
 
-    def _fields(self, fields: Fields, request: bool) -> Fields:
-        """Field syntax and count; returns the fields with OWS stripped from values."""
+    def _fields(self, fields: Fields, request: bool) -> tuple[Fields, int]:
+        """Field syntax and count: the fields with OWS stripped from values, and their size
+        as ``name: value CRLF`` lines (before stripping)."""
         if len(fields) > self.max_headers:
             if request:
                 raise _request_error("too many header fields", 431)
             raise _response_error("too many header fields in the response", RESPONSE_TOO_BIG)
         if not fields:
-            return fields
+            return fields, 0
         names = b":".join([n for n, _ in fields])  # one match for all: ":" is no tchar
         if _NAMES.fullmatch(names) is None or names.count(b":") != len(fields) - 1:
             bad = next(n for n, _ in fields if _TOKEN.fullmatch(n) is None)
@@ -622,6 +675,7 @@ class HeaderRules:
             if request:
                 raise _request_error(why)
             raise _response_error(f"{why} in the response")
+        size = len(names) + len(values) + 2 * len(fields) + 2  # + ": " and CRLF, - separators
         if _OWS_EDGE.search(values) is not None:
             stripped = []
             for name, value in fields:
@@ -631,8 +685,8 @@ class HeaderRules:
                         raise _request_error("HTAB in Transfer-Encoding")
                     raise _response_error("HTAB in Transfer-Encoding in the response")
                 stripped.append((name, value.strip(_OWS)))
-            return stripped
-        return fields
+            return stripped, size
+        return fields, size
 
     @staticmethod
     def _framing(
@@ -678,82 +732,98 @@ class HeaderRules:
 
     def validate_request(self, head: RequestHead) -> None:
         """Check ``head`` and put it in forwarding shape (see the module docstring)."""
-        method = head.method
-        line = len(method) + len(head.target) + len(head.version) + 2
+        http10, line = self._request_line(head.method, head.target, head.version)
+        fields, size = self._fields(head.headers, True)
+        if line + 4 + size > self.max_head:
+            raise _request_error("request head too large", 431)
+        host = self._request_fields(head, fields, http10)
+        self._route(head, host)
+
+    def _request_line(self, method: bytes, target: bytes, version: bytes) -> tuple[bool, int]:
+        """``(is HTTP/1.0, request line length)``; raises on the line's own errors."""
+        line = len(method) + len(target) + len(version) + 2
         if line > self.max_request_line:
             raise _request_error("request line too long", 414)
         if _TOKEN.fullmatch(method) is None:
             raise _request_error("invalid method")
-        http10 = _VERSIONS.get(head.version)
+        http10 = _VERSIONS.get(version)
         if http10 is None:
-            if _HTTP_VERSION.fullmatch(head.version) is None:
+            if _HTTP_VERSION.fullmatch(version) is None:
                 raise _request_error("invalid HTTP version")
             raise _request_error("HTTP version not supported", 505)
         if method not in self.methods:
             raise _request_error(
                 f"method {method.decode('latin-1')} is not allowed", 501, "http_request_denied"
             )
-        fields = self._fields(head.headers, True)
-        size = line + 4 + sum(len(n) + len(v) + 4 for n, v in fields)
-        if size > self.max_head:
-            raise _request_error("request head too large", 431)
+        return http10, line
+
+    def _request_fields(self, head: RequestHead, fields: Fields, http10: bool) -> bytes | None:
+        """Framing, Host count, hop-by-hop: everything that depends on the fields only.
+
+        Sets ``head``'s framing, ``close``, ``websocket``, ``credentials`` and
+        ``headers``; returns the ``Host`` value (or ``None``) for ``_route``.
+        """
         cls_values: list[bytes] = []
         te_values: list[bytes] = []
         hosts: list[bytes] = []
-        special = False
-        for name, value in fields:
+        drop: list[int] = []  # Host (rebuilt from the URI), Expect in HTTP/1.0
+        hop = False
+        for i, (name, value) in enumerate(fields):
             lname = name.lower()
             if lname in _SPECIAL:
-                special = True
                 if lname == _CL:
                     cls_values.append(value)
-                elif lname == _TE:
-                    te_values.append(value)
                 elif lname == _HOST:
                     hosts.append(value)
-                elif lname == _PROXY_AUTH and head.credentials is None:
-                    head.credentials = value
+                    drop.append(i)
+                elif lname == _EXPECT:
+                    if http10:
+                        drop.append(i)
+                else:  # hop-by-hop
+                    hop = True
+                    if lname == _TE:
+                        te_values.append(value)
+                    elif lname == _PROXY_AUTH and head.credentials is None:
+                        head.credentials = value
         length, codings, chunked = self._framing(cls_values, te_values, _request_error, True)
         if codings and http10:
             raise _request_error("Transfer-Encoding in an HTTP/1.0 request")
         if len(hosts) > 1:
             raise _request_error("more than one Host header field")
-        if method == b"CONNECT":
-            if codings or length > 0:
-                raise _request_error("a CONNECT request has no content")
-            host, port = _authority(head.target)
-            head.host, head.port, head.authority, head.path = host, port, head.target, b""
-        else:
-            to = parse_target(head.target, method)
-            if hosts:
-                given = parse_host(hosts[0])
-                if given is None:
-                    raise _request_error("invalid Host header field")
-                if given[0] != to.host or (given[1] or 80) != to.port:
-                    raise _request_error("the Host header field does not match the request target")
-            head.host, head.port, head.authority, head.path = (
-                to.host,
-                to.port,
-                to.authority,
-                to.path,
-            )
+        if head.method == b"CONNECT" and (codings or length > 0):
+            raise _request_error("a CONNECT request has no content")
         head.length = length
         head.codings = codings
         head.chunked = chunked
-        if special:
+        if drop:
+            if fields is head.headers:
+                fields = list(fields)
+            for i in reversed(drop):
+                del fields[i]
+        if hop:
             tokens = connection_tokens(fields)
             head.close = b"close" in tokens
             head.websocket = b"upgrade" in tokens and is_websocket_upgrade(fields)
             fields = strip_hop_by_hop(fields, keep_upgrade=head.websocket)
-            drop_expect = http10
-            fields = [
-                (n, v)
-                for n, v in fields
-                if n.lower() != _HOST and not (drop_expect and n.lower() == _EXPECT)
-            ]
-            if cls_values and cls_values[0] != b"%d" % length:
-                fields = [(n, b"%d" % length if n.lower() == _CL else v) for n, v in fields]
+        if cls_values and cls_values[0] != b"%d" % length:
+            fields = [(n, b"%d" % length if n.lower() == _CL else v) for n, v in fields]
         head.headers = fields
+        return hosts[0] if hosts else None
+
+    def _route(self, head: RequestHead, host: bytes | None) -> None:
+        """Where the request goes: the target checked, and ``Host`` against it."""
+        if head.method == b"CONNECT":
+            name, port = _authority(head.target)
+            head.host, head.port, head.authority, head.path = name, port, head.target, b""
+            return
+        to = parse_target(head.target, head.method)
+        if host is not None:
+            given = parse_host(host)
+            if given is None:
+                raise _request_error("invalid Host header field")
+            if given[0] != to.host or (given[1] or 80) != to.port:
+                raise _request_error("the Host header field does not match the request target")
+        head.host, head.port, head.authority, head.path = to.host, to.port, to.authority, to.path
 
     def rewrite_request(self, head: RequestHead) -> None:
         """Forwarded / X-Forwarded-For, the request rules, then Via."""
@@ -806,21 +876,47 @@ class HeaderRules:
     ) -> RequestHead:
         """validate (and rewrite) in one call, memoized for heads seen before.
 
+        Two memos: whole heads (a repeated request costs one dict lookup), and
+        field lists with their verdict (a new URL with fields seen before only
+        has its target judged: request line, target, ``Host`` against it, size).
         The result is shared: callers copy it (``RequestHead.copy``) before changing it.
         """
-        key = (method, target, version, tuple(headers), client, rewrite) if cacheable else None
-        if key is not None:
-            hit = self._requests.get(key)
-            if hit is not None:
-                return hit
-        head = RequestHead(method, target, version, headers, client)
-        self.validate_request(head)
-        if rewrite:
-            self.rewrite_request(head)
-        if key is not None:
-            if len(self._requests) >= _CACHE_MAX:
-                self._requests.clear()
-            self._requests[key] = head
+        if not cacheable:
+            head = RequestHead(method, target, version, headers, client)
+            self.validate_request(head)
+            if rewrite:
+                self.rewrite_request(head)
+            return head
+        fields = tuple(headers)
+        key = (method, target, version, fields, client, rewrite)
+        hit = self._requests.get(key)
+        if hit is not None:
+            return hit
+        # the same fields with another target (a new URL): only the target is judged again
+        shape = (method, version, fields, client, rewrite)
+        template = self._shapes.get(shape)
+        if template is None:
+            head = RequestHead(method, target, version, headers, client)
+            http10, line = self._request_line(method, target, version)
+            checked, size = self._fields(head.headers, True)
+            if line + 4 + size > self.max_head:
+                raise _request_error("request head too large", 431)
+            host = self._request_fields(head, checked, http10)
+            if rewrite:
+                self.rewrite_request(head)
+            if len(self._shapes) >= _CACHE_MAX:
+                self._shapes.clear()
+            self._shapes[shape] = (head, host, size)
+        else:
+            base, host, size = template
+            _, line = self._request_line(method, target, version)
+            if line + 4 + size > self.max_head:
+                raise _request_error("request head too large", 431)
+            head = base.retarget(target)
+        self._route(head, host)
+        if len(self._requests) >= _CACHE_MAX:
+            self._requests.clear()
+        self._requests[key] = head
         return head
 
     # -- responses ----------------------------------------------------------------
@@ -831,7 +927,7 @@ class HeaderRules:
             raise _response_error("the response is not HTTP/1.0 or HTTP/1.1")
         if not 100 <= head.status <= 599:
             raise _response_error("invalid response status")
-        fields = self._fields(head.headers, False)
+        fields, _ = self._fields(head.headers, False)
         cls_values: list[bytes] = []
         te_values: list[bytes] = []
         special = False

@@ -485,6 +485,35 @@ def test_prepare_request_memo() -> None:
     assert rules.prepare_request(*args, "192.0.2.1", True, cacheable=False) is not one
 
 
+def test_prepare_request_new_targets_for_known_fields() -> None:
+    """Fields seen before with another target: only the target is judged again."""
+    rules = HeaderRules(max_request_line=60, max_head=120)
+    fields: H = [(b"Host", b"example.com"), (b"Connection", b"close"), (b"A", b"1")]
+    first = rules.prepare_request(b"GET", URL, b"HTTP/1.1", fields, None, True)
+    second = rules.prepare_request(
+        b"GET", b"http://example.com/other", b"HTTP/1.1", fields, None, True
+    )
+    assert second is not first and second.headers is first.headers
+    assert (second.path, second.authority, second.close) == (b"/other", b"example.com", True)
+    assert first.path == b"/p?q=1"
+    assert second.serialized() == b"A: 1\r\nVia: 1.1 proxytap\r\n"
+    for target, status in (
+        (b"http://other.example/", 400),  # Host no longer matches
+        (b"http://example.com/" + b"x" * 40, 414),
+        (b"/origin-form", 400),
+    ):
+        with pytest.raises(ProtocolError) as info:
+            rules.prepare_request(b"GET", target, b"HTTP/1.1", fields, None, True)
+        assert info.value.status == status, target
+    big: H = [(b"Host", b"example.com"), (b"A", b"x" * 60)]
+    rules.prepare_request(b"GET", b"http://example.com/", b"HTTP/1.1", big, None, True)
+    with pytest.raises(ProtocolError) as info:  # the same fields, a longer line: too large
+        rules.prepare_request(
+            b"GET", b"http://example.com/" + b"y" * 20, b"HTTP/1.1", big, None, True
+        )
+    assert info.value.status == 431
+
+
 def test_fused_path_equals_the_module_hooks() -> None:
     rules = HeaderRules(forwarded_for="on", via="p")
     headers: H = [(b"Host", b"example.com"), (b"Connection", b"x"), (b"X", b"1"), (b"x", b"2")]
