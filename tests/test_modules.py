@@ -521,3 +521,75 @@ async def test_http_bodies_through_modules(
     assert rest.startswith(b"HTTP/1.1 500 Internal Server Error\r\n"), rest
     writer.close()
     assert proxy.app.services.stats.module_errors == Counter({"shout": 1})
+
+
+WHO = """
+    class Who:
+        name = "who"
+
+        def on_connect(self, ctx):
+            ctx.state["user"] = ctx.user
+
+        def request(self, ctx, req):
+            req.add("X-Proxy-User", ctx.state["user"] or "-")
+
+        def client_to_server(self, ctx, data):
+            return data.replace(b"secret", b"******")
+
+    def create(options):
+        return Who()
+"""
+
+
+async def test_modules_see_the_authenticated_user(
+    start_proxy: ProxyFactory, raw_server: ProxyFactory, tmp_path: Path
+) -> None:
+    """The hooks of the first request run once its credentials were checked (in a task)."""
+    htpasswd = tmp_path / "htpasswd"
+    proc = await asyncio.create_subprocess_exec("htpasswd", "-bcB", str(htpasswd), "alice", "pw")
+    assert await proc.wait() == 0
+    from proxytap.policy.auth import AuthConfig, basic_credentials
+
+    cfg = config(tmp_path, ("validate", "rewrite", "who"), who=WHO)
+    cfg = Config(
+        listeners=cfg.listeners,
+        access=TEST_ACCESS,
+        modules=cfg.modules,
+        auth=AuthConfig(htpasswd=str(htpasswd)),
+    )
+    proxy: RunningProxy = await start_proxy(cfg)
+    script, server = await start_script(raw_server, ok(), ok())
+    creds = basic_credentials("alice", "pw").encode()
+    reader, writer = await asyncio.open_connection(*proxy.http)
+    for _ in range(2):  # the body arrives with the head, before the check is done
+        writer.write(
+            b"POST http://127.0.0.1:%d/ HTTP/1.1\r\nProxy-Authorization: %b\r\n"
+            b"Content-Length: 9\r\n\r\nmy secret" % (server.port, creds)
+        )
+        assert (await read_message(reader)).status == 200
+    writer.close()
+    for req in script.requests:
+        assert req.get("X-Proxy-User") == "alice"
+        assert req.body == b"my ******"
+
+
+async def test_a_bug_in_the_built_in_rules_fails_closed(
+    start_proxy: ProxyFactory, raw_server: ProxyFactory, tmp_path: Path
+) -> None:
+    proxy: RunningProxy = await start_proxy(config(tmp_path))
+    script, server = await start_script(raw_server, ok())
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise KeyError("a bug")
+
+    proxy.app.services.rules.prepare_request = broken  # type: ignore[method-assign]
+    got = await exchange(proxy, get(server.port))
+    assert got.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+    assert b"error=proxy_internal_error" in got
+    assert proxy.app.services.stats.module_errors == Counter({"validate": 1})
+    proxy.app.services.rules.prepare_response = broken  # type: ignore[method-assign]
+    del proxy.app.services.rules.prepare_request  # the class's own again
+    got = await exchange(proxy, get(server.port))
+    assert got.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+    assert proxy.app.services.stats.module_errors == Counter({"validate": 2})
+    assert len(script.requests) == 1  # the request went, the response did not come back
