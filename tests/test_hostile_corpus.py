@@ -267,6 +267,7 @@ class Case:
     forwarded: int = 0  # complete requests the strict origin receives
     listener: str = "http"
     dribble: float = 0.0  # seconds between single bytes (slowloris)
+    before: bytes = b""  # sent at once and answered first (its answer is answers[0])
 
 
 GET = b"GET http://127.0.0.1:{P}/ HTTP/1.1\r\n"
@@ -581,6 +582,15 @@ CORPUS: list[Case] = [
     socks("socks4-private-destination", b"\x04\x01\x01\xbb\x0a\x00\x00\x01\x00", S4_REJECTED),
     # -- slowloris: a head dribbled slower than the handshake timeout (0.5 s) ----------
     Case("slow-http-head", GET + b"X-A: 1\r\n\r\n", (408,), ERR, dribble=0.1),
+    Case(
+        "slow-later-head",
+        GET + b"X-A: 1\r\n\r\n",
+        (200, 408),
+        ERR,
+        forwarded=1,
+        dribble=0.1,
+        before=GET + b"\r\n",
+    ),
     Case("slow-connect-head", b"CONNECT 127.0.0.1:{P} HTTP/1.1\r\n\r\n", (408,), ERR, dribble=0.1),
     Case("slow-socks5-greeting", b"\x05\x01\x00", socks=b"", listener="socks", dribble=0.3),
     Case(
@@ -626,7 +636,16 @@ async def run_case(case: Case, proxy: RunningProxy, ports: dict[bytes, int]) -> 
     for key, port in ports.items():
         data = data.replace(key, str(port).encode())
     reader, writer = await asyncio.open_connection(*proxy.addr(case.listener))
+    heads = []
+    answers = list(case.answers)
     try:
+        if case.before:  # a whole request first, answered, then the case on the same connection
+            writer.write(case.before.replace(b"{P}", str(ports[b"{P}"]).encode()))
+            status, head = await asyncio.wait_for(read_response(reader), 5)
+            if status != answers[0]:
+                return f"status {status} for the request before, expected {answers[0]}"
+            heads.append(head)
+            answers.pop(0)
         if case.dribble:
             for i in range(len(data)):
                 writer.write(data[i : i + 1])
@@ -641,8 +660,7 @@ async def run_case(case: Case, proxy: RunningProxy, ports: dict[bytes, int]) -> 
         if case.socks is not None:
             got = await asyncio.wait_for(reader.read(), 5)
             return None if got == case.socks else f"SOCKS reply {got!r}, expected {case.socks!r}"
-        heads = []
-        for expected in case.answers:
+        for expected in answers:
             status, head = await asyncio.wait_for(read_response(reader), 5)
             heads.append(head)
             if status != expected:

@@ -25,7 +25,10 @@ Decisions
     * Limits: the request line (``limits.max_request_line``, 414), the head
       (``limits.max_head``) and the field count (``limits.max_headers``, 431)
       are counted while llhttp parses, so nothing over a limit is buffered; a
-      response head over ``max_head`` is a 502.
+      response head over ``max_head`` is a 502. A head that does not arrive in
+      one read must be complete within ``timeouts.handshake`` (408), like the
+      first one (slowloris on a kept-alive connection); a timer is armed only
+      then, so whole heads cost nothing.
     * Policy: ``Services.connect`` judges every destination (name, then each
       address) with the connection's user. With authentication configured,
       every request needs ``Proxy-Authorization`` (407 and a challenge
@@ -301,6 +304,9 @@ class HttpForwarder(asyncio.Protocol):
         self.active_at = self.loop.time()
         self.idle_since = self.active_at
         self.timer: asyncio.TimerHandle | None = None
+        # a head that did not come in one read must be complete within timeouts.handshake
+        self.head_timeout = cfg.timeouts.handshake
+        self.head_timer: asyncio.TimerHandle | None = None
 
     # -- life cycle -----------------------------------------------------------------
 
@@ -421,8 +427,18 @@ class HttpForwarder(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._request_error(_refusal(f"malformed HTTP request: {exc}"))
             return
-        if self.in_head and self.head_fed > self.max_head:
-            self._request_error(_refusal("request head too large", 431))
+        if self.in_head:
+            if self.head_fed > self.max_head:
+                self._request_error(_refusal("request head too large", 431))
+            elif self.head_timer is None:  # slowloris on a later head: same deadline
+                self.head_timer = self.loop.call_later(self.head_timeout, self._head_late)
+
+    def _head_late(self) -> None:
+        self.head_timer = None
+        if self.in_head and not self.closed and not self.lingering and self.broken is None:
+            log.info("http %s:%d: request head too slow", *self.conn.client)
+            self._request_error(_refusal("the request head did not arrive in time", 408))
+            self._update_reading()
 
     def on_message_begin(self) -> None:
         if self.synthetic:
@@ -459,6 +475,9 @@ class HttpForwarder(asyncio.Protocol):
         if self.synthetic:
             return
         self.in_head = False
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
         req = self._build_request()
         self.parsing = req
         queue = self.queue
@@ -994,6 +1013,9 @@ class HttpForwarder(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
         for up in list(self.upstreams):
             up.close(reason if up.req is not None else CloseReason.NORMAL)  # idle ones: NORMAL
         self.idle.clear()
