@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import cast
 
 from proxytap.config import ListenerConfig
@@ -413,15 +414,7 @@ class ClientConnection(asyncio.Protocol):
             code = 0x01 if failed else (exc.socks_code if exc.socks_code is not None else 0x02)
             self.transport.write(self.socks.reply(code))
         else:
-            self.transport.write(
-                httpconnect.error_response(
-                    exc.status,
-                    exc.reason,
-                    exc.proxy_status,
-                    version=self.http_version,
-                    proxy_name=self.services.config.proxy_name,
-                )
-            )
+            self._http_error(exc.status, exc.reason, exc.proxy_status)
         log.info("client %s:%d refused by a module: %s", *self.conn.client, exc.reason)
         self._close("refused by a module", linger=True)
 
@@ -439,15 +432,7 @@ class ClientConnection(asyncio.Protocol):
         if self.socks is not None:
             self.transport.write(self.socks.reply(failure.socks5))
         else:
-            self.transport.write(
-                httpconnect.error_response(
-                    failure.http_status,
-                    failure.description,
-                    failure.value,
-                    version=self.http_version,
-                    proxy_name=self.services.config.proxy_name,
-                )
-            )
+            self._http_error(failure.http_status, failure.description, failure.value)
         self._close(f"connect failed: {failure.value}", linger=True)
 
     def _auth_failed(self, user: str | None) -> None:
@@ -480,16 +465,7 @@ class ClientConnection(asyncio.Protocol):
                 status = 503 if limit else 403
             extra = [proxy_authenticate_header(realm)] if realm is not None else []
             error = "connection_limit_reached" if limit else "http_request_denied"
-            self.transport.write(
-                httpconnect.error_response(
-                    status,
-                    reason,
-                    error,
-                    version=self.http_version,
-                    proxy_name=self.services.config.proxy_name,
-                    extra_headers=extra,
-                )
-            )
+            self._http_error(status, reason, error, extra)
         log.info("client %s:%d refused by %s: %s", *self.conn.client, rule, reason)
         self._close(f"refused by {rule}", linger=True)
 
@@ -501,14 +477,7 @@ class ClientConnection(asyncio.Protocol):
             if out:
                 self.transport.write(out)
         else:
-            self.transport.write(
-                httpconnect.error_response(
-                    exc.status,
-                    exc.reason,
-                    exc.proxy_status,
-                    proxy_name=self.services.config.proxy_name,
-                )
-            )
+            self._http_error(exc.status, exc.reason, exc.proxy_status)
         self._close(f"protocol error: {exc.reason}", linger=True)
 
     def _handshake_timeout(self) -> None:
@@ -516,15 +485,28 @@ class ClientConnection(asyncio.Protocol):
         if self.done or self.transport is None:
             return
         if self.http:
-            self.transport.write(
-                httpconnect.error_response(
-                    408,
-                    "the request head did not arrive in time",
-                    "http_request_error",
-                    proxy_name=self.services.config.proxy_name,
-                )
-            )
+            self._http_error(408, "the request head did not arrive in time", "http_request_error")
         self._close("handshake timeout", linger=True)
+
+    def _http_error(
+        self,
+        status: int,
+        reason: str,
+        proxy_status: str,
+        extra_headers: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """A final HTTP error answer: text/plain reason, Proxy-Status, Connection: close."""
+        assert self.transport is not None
+        self.transport.write(
+            httpconnect.error_response(
+                status,
+                reason,
+                proxy_status,
+                version=self.http_version,
+                proxy_name=self.services.config.proxy_name,
+                extra_headers=extra_headers,
+            )
+        )
 
     def _handed_over(self) -> None:
         if not self.done and self.conn is not None:
