@@ -46,6 +46,7 @@ Decisions
 
 from __future__ import annotations
 
+import functools
 import http
 import re
 from collections.abc import Sequence
@@ -202,6 +203,7 @@ def _parse_field(line: bytes) -> tuple[str, str]:
     return name.decode("ascii"), value.decode("latin-1")
 
 
+@functools.lru_cache(maxsize=8192)  # pure; errors are raised, never cached
 def parse_authority(target: str) -> tuple[str, int]:
     """Check a CONNECT request-target; return ``(host, port)``."""
     if target.startswith("["):

@@ -81,6 +81,7 @@ Host names (SOCKS5 ATYP 3, SOCKS4a)
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import re
 import socket
@@ -204,6 +205,7 @@ def _pack_address(host: str) -> bytes:
     raise ValueError(f"not an IP address: {host!r}")
 
 
+@functools.lru_cache(maxsize=8192)  # pure; the same names come back on every connection
 def normalize_host(name: str) -> tuple[str, str] | None:
     """Check a host name from the wire; return ``(host, atyp)`` or ``None``.
 
