@@ -323,3 +323,31 @@ async def run(
 
 def here() -> Path:
     return Path(__file__).parent
+
+
+async def curl(*args: str) -> tuple[int, bytes, bytes]:
+    """curl, quiet but for errors, bounded in time."""
+    return await run("curl", "-sS", "--max-time", "60", *args)
+
+
+async def check_curl_download(tmp_path: Path, url: str, size: int, *client: str) -> None:
+    """curl ``client`` options fetch ``size`` pattern bytes from ``url``: sha256-identical."""
+    out = tmp_path / "down"
+    rc, _, err = await curl(*client, "--fail", "-o", str(out), url)
+    assert rc == 0, err
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == pattern_sha256(size)
+
+
+async def check_curl_upload(
+    tmp_path: Path,
+    url: str,
+    size: int,
+    *client: str,
+    header: str = "Content-Type: application/octet-stream",
+) -> None:
+    """curl ``client`` options post ``size`` pattern bytes to /upload, which hashes them."""
+    up = tmp_path / "up"
+    up.write_bytes(pattern(size))
+    rc, body, err = await curl(*client, "--fail", "--data-binary", f"@{up}", "-H", header, url)
+    assert rc == 0, err
+    assert body.decode() == f"{size} {pattern_sha256(size)}"

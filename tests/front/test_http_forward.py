@@ -32,6 +32,8 @@ from tests.conftest import (
     ProxyFactory,
     RawServer,
     RunningProxy,
+    check_curl_download,
+    check_curl_upload,
     closed_port,
     pattern,
     pattern_sha256,
@@ -202,44 +204,20 @@ async def test_aiohttp_client_through_proxy(proxy: RunningProxy, origin: Origin)
 async def test_content_length_both_directions(
     proxy: RunningProxy, origin: Origin, tmp_path: Path, size: int
 ) -> None:
-    out = tmp_path / "down"
-    rc, _, err = await curl(
-        "-x", proxy.http_url, "--fail", "-o", str(out), f"{origin.url}/bytes/{size}"
-    )
-    assert rc == 0, err
-    assert hashlib.sha256(out.read_bytes()).hexdigest() == pattern_sha256(size)
-    up = tmp_path / "up"
-    up.write_bytes(pattern(size))
-    rc, body, err = await curl(
-        "-x",
-        proxy.http_url,
-        "--fail",
-        "--data-binary",
-        f"@{up}",
-        "-H",
-        "Content-Type: application/octet-stream",
-        f"{origin.url}/upload",
-    )
-    assert rc == 0, err
-    assert body.decode() == f"{size} {pattern_sha256(size)}"
+    await check_curl_download(tmp_path, f"{origin.url}/bytes/{size}", size, "-x", proxy.http_url)
+    await check_curl_upload(tmp_path, f"{origin.url}/upload", size, "-x", proxy.http_url)
 
 
 async def test_chunked_upload(proxy: RunningProxy, origin: Origin, tmp_path: Path) -> None:
     size = 3 << 20
-    up = tmp_path / "up"
-    up.write_bytes(pattern(size))
-    rc, body, err = await curl(
+    await check_curl_upload(
+        tmp_path,
+        f"{origin.url}/upload",
+        size,
         "-x",
         proxy.http_url,
-        "--fail",
-        "--data-binary",
-        f"@{up}",
-        "-H",
-        "Transfer-Encoding: chunked",
-        f"{origin.url}/upload",
+        header="Transfer-Encoding: chunked",
     )
-    assert rc == 0, err
-    assert body.decode() == f"{size} {pattern_sha256(size)}"
 
 
 async def test_chunked_download(proxy: RunningProxy, tmp_path: Path) -> None:

@@ -18,52 +18,22 @@ from tests.conftest import (
     ProxyFactory,
     RawServer,
     RunningProxy,
+    check_curl_download,
+    check_curl_upload,
+    curl,
     pattern,
-    pattern_sha256,
-    run,
 )
 
 SIZES = [0, 1024, 100 << 20]
-
-
-async def curl(*args: str) -> tuple[int, bytes, bytes]:
-    return await run("curl", "-sS", "--max-time", "60", *args)
 
 
 @pytest.mark.parametrize("size", SIZES)
 async def test_connect_https_download_and_upload(
     proxy: RunningProxy, tls_origin: Origin, pki: Pki, tmp_path: Path, size: int
 ) -> None:
-    out = tmp_path / "down"
-    rc, _, err = await curl(
-        "-x",
-        proxy.http_url,
-        "--cacert",
-        str(pki.ca_pem),
-        "-o",
-        str(out),
-        "--fail",
-        f"{tls_origin.url}/bytes/{size}",
-    )
-    assert rc == 0, err
-    assert hashlib.sha256(out.read_bytes()).hexdigest() == pattern_sha256(size)
-
-    up = tmp_path / "up"
-    up.write_bytes(pattern(size))
-    rc, body, err = await curl(
-        "-x",
-        proxy.http_url,
-        "--cacert",
-        str(pki.ca_pem),
-        "--fail",
-        "-H",
-        "Content-Type: application/octet-stream",
-        "--data-binary",
-        f"@{up}",
-        f"{tls_origin.url}/upload",
-    )
-    assert rc == 0, err
-    assert body.decode() == f"{size} {pattern_sha256(size)}"
+    client = ("-x", proxy.http_url, "--cacert", str(pki.ca_pem))
+    await check_curl_download(tmp_path, f"{tls_origin.url}/bytes/{size}", size, *client)
+    await check_curl_upload(tmp_path, f"{tls_origin.url}/upload", size, *client)
 
     await proxy.recorder.wait_destroyed(2)
     flows = proxy.recorder.flows()
@@ -102,26 +72,9 @@ async def test_curl_socks(
     size: int,
 ) -> None:
     socks = "{}:{}".format(*proxy.socks)
-    out = tmp_path / "down"
-    rc, _, err = await curl(
-        flag, socks, "--fail", "-o", str(out), f"http://{host}:{origin.port}/bytes/{size}"
-    )
-    assert rc == 0, err
-    assert hashlib.sha256(out.read_bytes()).hexdigest() == pattern_sha256(size)
-    up = tmp_path / "up"
-    up.write_bytes(pattern(size))
-    rc, body, err = await curl(
-        flag,
-        socks,
-        "--fail",
-        "--data-binary",
-        f"@{up}",
-        "-H",
-        "Content-Type: application/octet-stream",
-        f"http://{host}:{origin.port}/upload",
-    )
-    assert rc == 0, err
-    assert body.decode() == f"{size} {pattern_sha256(size)}"
+    base = f"http://{host}:{origin.port}"
+    await check_curl_download(tmp_path, f"{base}/bytes/{size}", size, flag, socks)
+    await check_curl_upload(tmp_path, f"{base}/upload", size, flag, socks)
     await proxy.recorder.wait_destroyed(2)
     flows = proxy.recorder.flows()
     assert {f.tunnel for f in flows} == {tunnel}
