@@ -35,16 +35,12 @@ from tests.conftest import (
     check_curl_download,
     check_curl_upload,
     closed_port,
+    curl,
     pattern,
     pattern_sha256,
-    run,
 )
 
 VIA = b"Via: 1.1 proxytap\r\n"
-
-
-async def curl(*args: str) -> tuple[int, bytes, bytes]:
-    return await run("curl", "-sS", "--max-time", "30", *args)
 
 
 # -- reading HTTP messages off raw streams -----------------------------------------------
