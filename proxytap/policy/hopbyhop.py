@@ -3,9 +3,7 @@
 Pure functions over header lists: a list of ``(name, value)`` pairs as they
 arrived, all ``bytes`` (the forwarding fast path) or all ``str`` (the
 interception path, tests). Names compare case-insensitively; order and the
-case of what is kept do not change. ``strip_block`` does the same on a raw
-header block as llhttp (strict) accepted it, without splitting it into fields:
-the forwarder's response path, where origins send a dozen fields per response.
+case of what is kept do not change.
 
 Removed in both directions: ``Connection`` and every field it names,
 ``Proxy-Connection`` (and what it names: old clients send it as Connection's
@@ -19,8 +17,6 @@ listing them would be request smuggling, not a hop-by-hop option.
 
 from __future__ import annotations
 
-import functools
-import re
 from collections.abc import Iterator, Sequence
 from typing import Any, overload
 
@@ -143,63 +139,6 @@ def strip_hop_by_hop(
     return [(n, v) for n, v in headers if n.lower() not in drop]
 
 
-def _line_pattern(names: frozenset[bytes]) -> re.Pattern[bytes]:
-    """Matches whole field lines (CRLF first) of ``names``, in a lower-cased block."""
-    alternatives = b"|".join(re.escape(n) for n in sorted(names))
-    return re.compile(rb"\r\n(?:" + alternatives + rb"):[^\r]*")
-
-
-_HOP_LINES = _line_pattern(_BYTES.hop)
-_HOP_LINES_KEEP_UPGRADE = _line_pattern(_BYTES.hop - {b"upgrade"})
-_PLAIN_CONNECTION = frozenset((b"keep-alive", b"upgrade"))  # hop-by-hop names themselves
-_listed_lines = functools.lru_cache(maxsize=256)(_line_pattern)
-
-
-def _cut(block: bytes, pattern: re.Pattern[bytes]) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-    """Remove the field lines ``pattern`` finds in the lower-cased ``block``."""
-    spans = [m.span() for m in pattern.finditer(block.lower())]
-    if not spans:
-        return block, []
-    parts = []
-    removed = []
-    at = 0
-    for start, end in spans:
-        parts.append(block[at:start])
-        name, _, value = block[start + 2 : end].partition(b":")
-        removed.append((name, value.strip(b" \t")))
-        at = end
-    parts.append(block[at:])
-    return b"".join(parts), removed
-
-
-def strip_block(
-    block: bytes, *, keep_upgrade: bool = False
-) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-    """``strip_hop_by_hop`` on a raw header block; returns it and the fields removed.
-
-    ``block`` is the head after its start line: every field line led by CRLF,
-    the blank line last (``b"\r\nA: 1\r\nB: 2\r\n\r\n"``), as strict llhttp
-    accepts it (no obs-fold, no bare CR or LF, no space before the colon). The
-    result has the same shape; removed values come back without their OWS.
-    One regular expression pass over a lower-cased copy: the forwarder calls
-    this for every response.
-    """
-    out, removed = _cut(block, _HOP_LINES_KEEP_UPGRADE if keep_upgrade else _HOP_LINES)
-    if not removed:
-        return out, removed
-    connection = [
-        (n, v)
-        for n, v in removed
-        if n.lower() in _BYTES.connection and v.lower() not in _PLAIN_CONNECTION
-    ]
-    if connection:
-        listed = connection_tokens(connection) - _BYTES.protected - _BYTES.hop
-        if listed:
-            out, more = _cut(out, _listed_lines(frozenset(listed)))
-            removed += more
-    return out, removed
-
-
 __all__ = [
     "HOP_BY_HOP",
     "PROTECTED",
@@ -207,6 +146,5 @@ __all__ = [
     "has_token",
     "header_values",
     "is_websocket_upgrade",
-    "strip_block",
     "strip_hop_by_hop",
 ]

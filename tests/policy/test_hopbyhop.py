@@ -4,16 +4,12 @@ that the raw-block fast path agrees with the field-list function."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from proxytap.policy.hopbyhop import (
-    HOP_BY_HOP,
     connection_tokens,
     has_token,
     header_values,
     is_websocket_upgrade,
-    strip_block,
     strip_hop_by_hop,
 )
 
@@ -103,27 +99,6 @@ def test_strip_hop_by_hop(name: str, headers: H, keep: bool, expected: H, kind: 
     assert strip_hop_by_hop(headers, keep_upgrade=keep) is not headers
 
 
-def _block(headers: list[tuple[bytes, bytes]]) -> bytes:
-    return b"".join(b"\r\n" + n + b": " + v for n, v in headers) + b"\r\n\r\n"
-
-
-@pytest.mark.parametrize(("name", "headers", "keep", "expected"), STRIP_CASES)
-def test_strip_block_table(name: str, headers: H, keep: bool, expected: H) -> None:
-    block, removed = strip_block(_block(_b(headers)), keep_upgrade=keep)
-    assert block == _block(_b(expected))
-    assert len(removed) == len(headers) - len(expected)
-
-
-def test_strip_block_returns_removed_values_without_ows() -> None:
-    block = b"\r\nA: 1\r\nTransfer-Encoding:  gzip, chunked \t\r\nB:2\r\n\r\n"
-    out, removed = strip_block(block)
-    assert out == b"\r\nA: 1\r\nB:2\r\n\r\n"
-    assert removed == [(b"Transfer-Encoding", b"gzip, chunked")]
-    assert strip_block(b"\r\n\r\n") == (b"\r\n\r\n", [])
-    # a name that only starts like a hop-by-hop one is kept
-    assert strip_block(b"\r\nTE-Extra: 1\r\nUpgraded: 2\r\n\r\n")[1] == []
-
-
 @pytest.mark.parametrize(
     ("headers", "expected"),
     [
@@ -162,28 +137,3 @@ def test_has_token_and_values() -> None:
     assert has_token(_b(headers), b"EXPECT", b"100-continue")
     assert header_values(headers, "ACCEPT") == ["a", "b"]
     assert header_values(_b(headers), b"accept") == [b"a", b"b"]
-
-
-# -- the raw block agrees with the field list, for any headers ----------------------------------
-
-_NAMES = st.sampled_from(
-    [*HOP_BY_HOP, "Host", "Content-Length", "X-A", "X-B", "Accept", "te-x", "close"]
-).flatmap(lambda n: st.sampled_from([n, n.upper(), n.title()])) | st.from_regex(
-    r"[A-Za-z][A-Za-z0-9-]{0,12}", fullmatch=True
-)
-_TOKENS = st.sampled_from(["close", "keep-alive", "upgrade", "x-a", "X-B", "host", "te", "a b"])
-_VALUES = st.lists(_TOKENS, max_size=3).map(", ".join) | st.from_regex(
-    r"[ -~]{0,20}", fullmatch=True
-).map(str.strip)
-
-
-@given(
-    headers=st.lists(st.tuples(_NAMES, _VALUES), max_size=12),
-    keep=st.booleans(),
-)
-def test_strip_block_matches_strip_hop_by_hop(headers: list[tuple[str, str]], keep: bool) -> None:
-    raw = _b(headers)
-    expected = _block(strip_hop_by_hop(raw, keep_upgrade=keep))
-    out, removed = strip_block(_block(raw), keep_upgrade=keep)
-    assert out == expected
-    assert len(removed) == len(raw) - len(strip_hop_by_hop(raw, keep_upgrade=keep))
