@@ -29,8 +29,15 @@ Protocol decisions:
   reader at once with ``DESTROYED reason=COMPROMISED`` (the reason the original
   uses for a reassembly overflow), so the analyzer sees a short stream rather
   than one with a hole; the default ``"skip"`` keeps the original's behaviour.
-* **Chunks** are at most 65535 bytes (the binary ``len`` field), each header
-  and body written with one ``transport.write``. An empty chunk is not sent.
+* **Chunks** are at most 65535 bytes (the binary ``len`` field). An empty
+  chunk is not sent.
+* **One write per reader per loop iteration.** Events are queued on the
+  reader (references to the relay's bytes, never copies) and handed to its
+  transport in one ``writelines`` (one ``writev``) when the event loop comes
+  round again, after the I/O it was handling: a busy proxy pays one system
+  call per reader per iteration, not one per event, and the reader wakes once.
+  A queue reaching 256 KiB is written at once, so a burst meets the
+  transport's bound (and ``pause_writing``) as before.
 * ``from`` is 1 when the sender is (ip1, port1); ``match`` is ``up`` for client
   to server and ``down`` for server to client on TCP (a proxy always knows the
   client); UDP datagrams carry ``match=up`` when a regex rule matched them and
@@ -82,6 +89,7 @@ GAP_POLICIES = ("skip", "cut")
 BUFFER_FULL = "buffer_full"
 OVERFLOW = "overflow"
 CUT = "cut"
+FLUSH_AT = 256 << 10  # queued bytes that are written at once rather than next iteration
 
 
 class Interface:
@@ -118,6 +126,9 @@ class Reader(asyncio.Protocol):
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.paused = False
         self._over = 0  # control bytes written while paused
+        self._out: list[bytes | memoryview] = []  # queued until the next flush
+        self._queued = 0  # bytes in _out
+        self._dirty = False  # on the owner's flush list
         self.flows = 0  # flows this reader got CREATED for and not yet DESTROYED
         self.events_sent = 0
         self.bytes_sent = 0
@@ -150,6 +161,8 @@ class Reader(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._out = []
+        self._queued = 0
         if not self.lost.done():
             self.lost.set_result(None)
         if self in self._iface.readers:
@@ -163,7 +176,7 @@ class Reader(asyncio.Protocol):
     def buffered(self) -> int:
         """Bytes waiting in the transport for this reader."""
         t = self.transport
-        return 0 if t is None or self.closed else t.get_write_buffer_size()
+        return 0 if t is None or self.closed else t.get_write_buffer_size() + self._queued
 
     def _drop(self, reason: str, payload: int) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
@@ -172,27 +185,35 @@ class Reader(asyncio.Protocol):
             self.dropped_bytes[reason] = self.dropped_bytes.get(reason, 0) + payload
 
     def send_data(self, head: bytes, body: bytes | memoryview) -> bool:
-        """Write one DATA event unless the reader is gone or its buffer is full.
+        """Queue one DATA event unless the reader is gone or its buffer is full.
 
-        Header and body go to the transport together (``writelines``: one
-        ``writev`` when the socket takes them at once), and the body is never
-        copied: every reader shares the relay's bytes.
+        Header and body stay together (a drop takes both, so framing holds),
+        and the body is never copied: every reader shares the relay's bytes.
         """
-        t = self.transport
-        if self.closed or t is None or t.is_closing():
+        if self.closed:
             return False
+        n = len(body)
         if self.paused:
-            self._drop(BUFFER_FULL, len(body))
+            self._drop(BUFFER_FULL, n)
             return False
-        t.writelines((head, body))
+        n += len(head)
+        out = self._out
+        out.append(head)
+        out.append(body)
+        self._queued += n
         self.events_sent += 1
-        self.bytes_sent += len(head) + len(body)
+        self.bytes_sent += n
+        if self._queued >= FLUSH_AT:
+            self.flush()  # a burst: let the transport take it (and pause us) now
+        elif not self._dirty:
+            self._dirty = True
+            self.owner._mark(self)
         return True
 
     def send_control(self, msg: bytes) -> bool:
-        """Write a CREATED or DESTROYED even when the buffer is full, up to the headroom."""
+        """Queue a CREATED or DESTROYED even when the buffer is full, up to the headroom."""
         t = self.transport
-        if self.closed or t is None or t.is_closing():
+        if self.closed or t is None:
             return False
         if self.paused:
             self._over += len(msg)
@@ -201,12 +222,30 @@ class Reader(asyncio.Protocol):
                 self.owner.readers_overflowed += 1
                 log.warning("sftap: reader on %s cannot keep up; disconnecting it", self.interface)
                 self.closed = True
+                self._out = []
+                self._queued = 0
                 t.abort()
                 return False
-        t.write(msg)
+        self._out.append(msg)
+        self._queued += len(msg)
         self.events_sent += 1
         self.bytes_sent += len(msg)
+        if not self._dirty:
+            self._dirty = True
+            self.owner._mark(self)
         return True
+
+    def flush(self) -> None:
+        """Hand the queued events to the transport (one ``writev`` when the socket takes them)."""
+        out = self._out
+        if not out:
+            return
+        self._out = []
+        self._queued = 0
+        t = self.transport
+        if self.closed or t is None or t.is_closing():
+            return
+        t.writelines(out)
 
 
 class _Flow:
@@ -297,6 +336,7 @@ class SftapServer:
         for full in sorted(formats.keys() - known):
             raise ConfigError(f"export.formats.{full}", "no such flow socket")
         self._flows: dict[int, _Flow] = {}
+        self._dirty: list[Reader] = []  # readers with queued events
         self._retired: list[Reader] = []
         self.readers_accepted = 0
         self.readers_overflowed = 0
@@ -367,6 +407,7 @@ class SftapServer:
         for iface in self.interfaces.values():
             if iface.server is not None:
                 iface.server.close()
+        self._flush()
         readers = [r for i in self.interfaces.values() for r in i.readers]
         for r in readers:
             if r.transport is not None:
@@ -452,6 +493,23 @@ class SftapServer:
     def flows(self) -> int:
         """Flows currently exported to at least one reader."""
         return len(self._flows)
+
+    # -- batching ---------------------------------------------------------------------
+
+    def _mark(self, reader: Reader) -> None:
+        """``reader`` has queued events: flush every such reader once, next iteration."""
+        dirty = self._dirty
+        if not dirty:
+            asyncio.get_running_loop().call_soon(self._flush)
+        dirty.append(reader)
+
+    def _flush(self) -> None:
+        dirty = self._dirty
+        if dirty:
+            self._dirty = []
+            for r in dirty:
+                r._dirty = False
+                r.flush()
 
     # -- the hub's calls (hot path) ---------------------------------------------------
 

@@ -24,6 +24,7 @@ from proxytap.front.inspect import HelloInspector
 from proxytap.front.modchain import filtering_sides
 from proxytap.front.relay import PendingUpstream, Relay, linger_close
 from proxytap.front.services import Services
+from proxytap.logstream import access
 from proxytap.modules.api import Context, ModuleError
 from proxytap.policy.auth import (
     parse_proxy_authorization,
@@ -379,7 +380,7 @@ class ClientConnection(asyncio.Protocol):
         services.flow_closed(flow, reason, now)
         services.table.close_connection(flow.outer)
         services.live.discard(relay)
-        log.info(
+        access(
             "tunnel %s %s:%d -> %s:%d (%s:%d) %s up=%d down=%d %.3fs",
             flow.tunnel,
             *flow.client,

@@ -119,6 +119,7 @@ import httptools
 from proxytap.errors import Failure, ProtocolError, UpstreamError, classify_os_error
 from proxytap.flows.table import DOWN, UP, CloseReason, Connection, Flow, endpoint
 from proxytap.front.relay import reset
+from proxytap.logstream import access
 from proxytap.modules.api import Context
 from proxytap.policy.auth import parse_proxy_authorization, proxy_authenticate_header
 from proxytap.policy.headers import ORIGIN_FORM_REASON, RequestHead, serialize
@@ -129,7 +130,6 @@ if TYPE_CHECKING:
     from proxytap.front.services import Services
 
 log = logging.getLogger("proxytap.front.http")
-access_log = logging.getLogger("proxytap.access")  # one line per request: silence it here
 
 MAX_IDLE_UPSTREAMS: Final = 8  # idle upstream connections kept per client connection
 LINGER: Final = 2.0  # seconds a closing client connection is drained before the close
@@ -834,7 +834,7 @@ class HttpForwarder(asyncio.Protocol):
         queue = self.queue
         if queue and queue[0] is req:
             queue.popleft()
-        if access_log.isEnabledFor(logging.INFO):
+        if access.enabled():
             self._log(req, now)
         if req.ctx is not None:
             self._end(req)
@@ -962,7 +962,7 @@ class HttpForwarder(asyncio.Protocol):
     def _log(self, req: _Request, now: float) -> None:
         """The access log line: one per request, never payload bytes."""
         to = req.to
-        access_log.info(
+        access(
             "%s:%d %s %s:%d%s %s up=%d down=%d %.3fs",
             *self.conn.client,
             req.method.decode("latin-1"),
