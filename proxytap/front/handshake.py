@@ -19,7 +19,7 @@ from typing import cast
 
 from proxytap.config import ListenerConfig
 from proxytap.errors import Failure, ProtocolError, UpstreamError, classify_os_error
-from proxytap.flows.table import CloseReason, Connection, endpoint
+from proxytap.flows.table import CloseReason, Connection, Endpoint, endpoint
 from proxytap.front.inspect import HelloInspector
 from proxytap.front.modchain import filtering_sides
 from proxytap.front.relay import PendingUpstream, Relay, linger_close
@@ -298,19 +298,20 @@ class ClientConnection(asyncio.Protocol):
                 return
             self.ctx = ctx
         try:
-            server, pending = await services.open(host, port, conn.user, PendingUpstream)
+            server, pending, peer = await services.open(host, port, conn.user, PendingUpstream)
         except UpstreamError as exc:
             self._close_ctx()
             self._connect_failed(host, port, exc.failure, exc.detail)
             return
-        try:
-            peer = endpoint(server.get_extra_info("peername"))
-            local = endpoint(server.get_extra_info("sockname"))
-        except (OSError, TypeError, ValueError) as exc:
-            server.close()
-            self._close_ctx()
-            self._connect_failed(host, port, classify_os_error(exc), repr(exc))
-            return
+        local: Endpoint | None = None
+        if self.socks is not None:  # BND.ADDR in the reply; HTTP has no use for it
+            try:
+                local = endpoint(server.get_extra_info("sockname"))
+            except (OSError, TypeError, ValueError) as exc:
+                server.close()
+                self._close_ctx()
+                self._connect_failed(host, port, classify_os_error(exc), repr(exc))
+                return
         if self.done or client.is_closing():
             server.close()
             self._close_ctx()
@@ -322,6 +323,7 @@ class ClientConnection(asyncio.Protocol):
         if hub is not None:
             hub.opened(flow)
         if self.socks is not None:
+            assert local is not None
             client.write(self.socks.reply(0x00, local))
         else:
             client.write(httpconnect.connect_established(self.http_version))

@@ -14,7 +14,7 @@ from proxytap.config import Config
 from proxytap.errors import Failure, UpstreamError
 from proxytap.export.hub import Hub
 from proxytap.flows.stats import Stats
-from proxytap.flows.table import CloseReason, Flow, FlowTable
+from proxytap.flows.table import CloseReason, Endpoint, Flow, FlowTable, endpoint
 from proxytap.front.authn import Authenticator
 from proxytap.front.upstream import (
     AddrInfo,
@@ -126,18 +126,21 @@ class Services:
 
     async def open[P: asyncio.BaseProtocol](
         self, host: str, port: int, user: str | None, factory: Callable[[], P]
-    ) -> tuple[asyncio.Transport, P]:
+    ) -> tuple[asyncio.Transport, P, Endpoint]:
         """Policy, then resolve and connect: a transport driven by ``factory()``.
 
         The name is judged before any lookup, every resolved address right
         before it would be contacted (a denied address is never sent a
-        packet). ``UpstreamError`` names the failure.
+        packet). Also returns the address connected to (no ``getpeername``).
+        ``UpstreamError`` names the failure.
         """
+        connector = self.connector
 
-        def attempt(family: int, sockaddr: SockAddr) -> Awaitable[tuple[asyncio.Transport, P]]:
-            return self.connector.open(family, sockaddr, factory)
+        async def attempt(family: int, sockaddr: SockAddr) -> tuple[asyncio.Transport, P, Endpoint]:
+            transport, protocol = await connector.open(family, sockaddr, factory)
+            return transport, protocol, endpoint(sockaddr)
 
-        def discard(made: tuple[asyncio.Transport, P]) -> None:
+        def discard(made: tuple[asyncio.Transport, P, Endpoint]) -> None:
             made[0].close()
 
         return await self._upstream(host, port, user, attempt, discard)
