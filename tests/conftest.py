@@ -54,7 +54,10 @@ def has_ipv6() -> bool:
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
-    """Every async test runs on uvloop, the loop proxytap runs on."""
+    """Every async test runs on uvloop, the loop proxytap runs on; ``both_loops`` tests
+    also on asyncio's own loop (proxytap's fallback without uvloop)."""
+    if item.get_closest_marker("both_loops") is not None:
+        return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
     return {"uvloop": uvloop.new_event_loop}
 
 

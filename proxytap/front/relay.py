@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from proxytap.export.hub import Hub
 
 _LINGER_RST = struct.pack("ii", 1, 0)
+EARLY_LIMIT = 64 << 10  # bytes read from a side before the relay starts; then reading pauses
 
 
 def reset(transport: asyncio.BaseTransport) -> None:
@@ -42,23 +43,28 @@ def reset(transport: asyncio.BaseTransport) -> None:
 class PendingUpstream(asyncio.Protocol):
     """The upstream transport's protocol between connect and the relay's start.
 
-    Reading is paused at once, so nothing arrives before the client has its
-    reply; a loss is remembered and replayed to the relay.
+    Whatever arrives before the client has its reply is kept and replayed to
+    the relay (reading pauses only past ``EARLY_LIMIT``: pausing and resuming
+    every new tunnel would cost two poller updates); a loss is remembered and
+    replayed too.
     """
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.chunks: list[bytes] = []
+        self.size = 0
         self.eof = False
         self.lost = False
         self.exc: Exception | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport = cast(asyncio.Transport, transport)
-        transport.pause_reading()
+        self.transport = cast(asyncio.Transport, transport)
 
-    def data_received(self, data: bytes) -> None:  # only if pausing came late
+    def data_received(self, data: bytes) -> None:
         self.chunks.append(data)
+        self.size += len(data)
+        if self.size >= EARLY_LIMIT and self.transport is not None:
+            self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -160,10 +166,13 @@ class Relay:
         pending: PendingUpstream,
         early: bytes = b"",
         high_water: int = 1 << 20,
+        client_eof: bool = False,
         inspect: Callable[[Relay], asyncio.Protocol] | None = None,
         sides: Callable[[Relay, int, asyncio.Transport, asyncio.Transport], _Side] | None = None,
     ) -> None:
         """Take over both transports; ``early`` holds client bytes read with the handshake.
+
+        ``client_eof``: the client half-closed before the relay started.
 
         ``inspect`` builds a protocol that sees the client's first bytes before
         the relay does (the ClientHello check) and hands over to ``self.up``.
@@ -182,6 +191,8 @@ class Relay:
         self._timer = loop.call_later(self.idle, self._idle_check)
         if early:
             first.data_received(early)
+        if client_eof and not self.closed:
+            first.eof_received()
         for chunk in pending.chunks:
             self.down.data_received(chunk)
         if pending.lost:
@@ -189,9 +200,11 @@ class Relay:
             return
         if pending.eof:
             self.down.eof_received()
-        if not self.closed:
-            client.resume_reading()
-            server.resume_reading()
+        if not self.closed:  # a side that ended is not read again (uvloop would repeat the EOF)
+            if not client_eof:
+                client.resume_reading()
+            if not pending.eof:
+                server.resume_reading()
 
     def _idle_check(self) -> None:
         if self.closed:

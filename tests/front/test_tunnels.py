@@ -163,6 +163,45 @@ async def test_socks5_early_data_is_not_lost(proxy: RunningProxy, raw_server: Pr
     writer.close()
 
 
+@pytest.mark.both_loops
+@pytest.mark.parametrize("size", [1 << 10, 2 << 20])
+@pytest.mark.parametrize("kind", ["http", "socks5"])
+async def test_bytes_and_half_close_sent_before_the_reply_all_arrive(
+    proxy: RunningProxy, raw_server: ProxyFactory, kind: str, size: int
+) -> None:
+    """The request, the payload and a half-close in one go, before the reply: the proxy
+    keeps reading while it connects (pausing past a bound: 2 MiB), and the relay replays
+    it all, the half-close included (it arrives while connecting: 1 KiB)."""
+    payload = pattern(size)
+
+    async def digest_after_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"banner\r\n")  # the server speaks first, before the client has its reply
+        got = await reader.read()
+        writer.write(hashlib.sha256(got).digest() + len(got).to_bytes(8, "big"))
+
+    server: RawServer = await raw_server(digest_after_eof)
+    if kind == "http":
+        reader, writer = await asyncio.open_connection(*proxy.http)
+        writer.write(f"CONNECT 127.0.0.1:{server.port} HTTP/1.1\r\n\r\n".encode() + payload)
+        writer.write_eof()
+        assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 200 Connection established\r\n\r\n"
+    else:
+        reader, writer = await asyncio.open_connection(*proxy.socks)
+        req = b"\x05\x01\x00\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1")
+        writer.write(req + server.port.to_bytes(2, "big") + payload)
+        writer.write_eof()
+        assert await reader.readexactly(2) == b"\x05\x00"
+        assert (await reader.readexactly(10))[:4] == b"\x05\x00\x00\x01"
+    assert await reader.readexactly(8) == b"banner\r\n"
+    answer = await asyncio.wait_for(reader.read(), 30)
+    assert answer == hashlib.sha256(payload).digest() + len(payload).to_bytes(8, "big")
+    writer.close()
+    await proxy.recorder.wait_destroyed(1)
+    (flow,) = proxy.recorder.flows()
+    assert proxy.recorder.data(flow, UP) == payload
+    assert proxy.recorder.reason(flow) is CloseReason.NORMAL
+
+
 async def test_socks_bind_address_is_upstream_local_address(
     proxy: RunningProxy, raw_server: ProxyFactory
 ) -> None:
