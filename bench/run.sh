@@ -308,73 +308,95 @@ bench_one() {
     kill -0 "$PT_PID" 2>/dev/null || note "proxytap ($PT_LABEL) died during $name $wl (log: ${PT_LOG#"$ROOT"/})"
 }
 
-# one_pass SUFFIX EXPORT(0|1): A/B/C on one process, then D on a fresh process per kind and run
-one_pass() {
-    local sfx=$1 exp=$2 home="" label args=()
-    if [ "$exp" = 1 ]; then
-        home="$TMP/sftap-home"
-    fi
-    start_with() {  # start_with LABEL: proxytap (+ reader when export is on)
-        label=$1
-        args=()
-        if [ "$exp" = 1 ]; then
-            rm -rf "$home"
-            args=(--sftap-home "$home")
-        fi
-        start_proxytap "$label" "${args[@]}" || return 1
-        if [ "$exp" = 1 ]; then
-            if ! start_reader "$label" "$home"; then
-                stop_proxytap
-                return 1
-            fi
-            READERS+=("$OUT/reader-$label.json")
-        fi
-    }
-    stop_both() { stop_reader; stop_proxytap; }
+# pass_setup SUFFIX EXPORT(0|1): what the next start_with starts (export OFF, or ON + reader)
+P_SFX=""
+P_EXP=0
+pass_setup() { P_SFX=$1; P_EXP=$2; }
 
-    local abc_http abc_socks
-    abc_http=$(strip_d "$http_wl")
-    abc_socks=$(strip_d "$socks_wl")
-    if [ -n "$abc_http$abc_socks" ]; then
-        start_with "abc$sfx" || return 1
-        if [ "$exp" = 0 ] && [[ $WORKLOADS == *A* ]]; then
-            KA_VERDICT=$("$PY3" "$SHARED/ka_check.py" "$HTTP_PORT" 2>&1 | tail -1) || true
-            log "ka_check: $KA_VERDICT"
-        fi
-        if [[ $abc_http == *A* ]]; then
-            probe "before A" "export $([ "$exp" = 1 ] && echo ON || echo OFF)"
-        fi
-        bench_one "proxytap-http$sfx" http "$HTTP_PORT" "$abc_http" "$RUNS" "$OUT/proxytap-http$sfx.json"
-        if [[ $abc_http == *A* ]]; then
-            probe "after A/B/C" "export $([ "$exp" = 1 ] && echo ON || echo OFF)"
-        fi
-        bench_one "proxytap-socks5$sfx" socks5 "$SOCKS_PORT" "$abc_socks" "$RUNS" "$OUT/proxytap-socks5$sfx.json"
-        stop_both
+start_with() {  # start_with LABEL: proxytap (+ reader when export is on)
+    local label=$1 home="$TMP/sftap-home" args=()
+    if [ "$P_EXP" = 1 ]; then
+        rm -rf "$home"
+        args=(--sftap-home "$home")
     fi
-    if [[ $WORKLOADS == *D* ]]; then
-        local r kind port
-        for ((r = 1; r <= RUNS; r++)); do
-            for kind in http socks5; do
-                port=$HTTP_PORT
-                [ "$kind" = socks5 ] && port=$SOCKS_PORT
-                start_with "d-$kind-r$r$sfx" || return 1
-                sleep 1
-                bench_one "proxytap-$kind$sfx" "$kind" "$port" D 1 "$OUT/proxytap-$kind$sfx-D-r$r.json"
-                stop_both
-            done
-        done
+    start_proxytap "$label" "${args[@]}" || return 1
+    if [ "$P_EXP" = 1 ]; then
+        if ! start_reader "$label" "$home"; then
+            stop_proxytap
+            return 1
+        fi
+        READERS+=("$OUT/reader-$label.json")
     fi
 }
+stop_both() { stop_reader; stop_proxytap; }
+on_off() { [ "$P_EXP" = 1 ] && echo ON || echo OFF; }
 
-log "== proxytap, flow export OFF"
-one_pass "" 0 || note "proxytap export-OFF pass aborted: proxytap did not start (see bench/out/proxytap-*.log)"
+# abc_round R: A/B/C for both kinds on one fresh process, one run (round R)
+abc_round() {
+    local r=$1 abc_http abc_socks
+    abc_http=$(strip_d "$http_wl")
+    abc_socks=$(strip_d "$socks_wl")
+    [ -n "$abc_http$abc_socks" ] || return 0
+    start_with "abc$P_SFX-r$r" || return 1
+    if [ "$r" = 1 ] && [ "$P_EXP" = 0 ] && [[ $WORKLOADS == *A* ]]; then
+        KA_VERDICT=$("$PY3" "$SHARED/ka_check.py" "$HTTP_PORT" 2>&1 | tail -1) || true
+        log "ka_check: $KA_VERDICT"
+    fi
+    if [ "$r" = 1 ] && [[ $abc_http == *A* ]]; then
+        probe "before A" "export $(on_off)"
+    fi
+    bench_one "proxytap-http$P_SFX" http "$HTTP_PORT" "$abc_http" 1 "$OUT/proxytap-http$P_SFX-r$r.json"
+    if [ "$r" = 1 ] && [[ $abc_http == *A* ]]; then
+        probe "after A/B/C" "export $(on_off)"
+    fi
+    bench_one "proxytap-socks5$P_SFX" socks5 "$SOCKS_PORT" "$abc_socks" 1 "$OUT/proxytap-socks5$P_SFX-r$r.json"
+    stop_both
+}
 
-if [ "$EXPORT" = 1 ]; then
-    log "== proxytap, flow export ON (--sftap-home + reader on every flow socket)"
-    if ! one_pass "-export" 1; then
+# d_pass: D on a fresh process per kind and run
+d_pass() {
+    [[ $WORKLOADS == *D* ]] || return 0
+    local r kind port
+    for ((r = 1; r <= RUNS; r++)); do
+        for kind in http socks5; do
+            port=$HTTP_PORT
+            [ "$kind" = socks5 ] && port=$SOCKS_PORT
+            start_with "d-$kind-r$r$P_SFX" || return 1
+            sleep 1
+            bench_one "proxytap-$kind$P_SFX" "$kind" "$port" D 1 "$OUT/proxytap-$kind$P_SFX-D-r$r.json"
+            stop_both
+        done
+    done
+}
+
+# A/B/C: export OFF and ON alternate round by round, so a machine that gets busier or
+# quieter during the benchmark weighs on both alike (the export cost is their ratio).
+EXPORT_OK=$EXPORT
+for ((round = 1; round <= RUNS; round++)); do
+    log "== proxytap A/B/C round $round of $RUNS: flow export OFF"
+    pass_setup "" 0
+    abc_round "$round" || note "proxytap export-OFF round $round aborted: proxytap did not start (see bench/out/proxytap-*.log)"
+    if [ "$EXPORT_OK" = 1 ]; then
+        log "== proxytap A/B/C round $round of $RUNS: flow export ON (--sftap-home + reader on every flow socket)"
+        pass_setup "-export" 1
+        if ! abc_round "$round"; then
+            stop_reader
+            stop_proxytap
+            EXPORT_OK=0
+            note "export ON skipped: proxytap with --sftap-home did not start or served no flow sockets; results are export OFF only"
+        fi
+    fi
+done
+log "== proxytap D, flow export OFF"
+pass_setup "" 0
+d_pass || note "proxytap export-OFF D aborted: proxytap did not start (see bench/out/proxytap-*.log)"
+if [ "$EXPORT_OK" = 1 ]; then
+    log "== proxytap D, flow export ON"
+    pass_setup "-export" 1
+    if ! d_pass; then
         stop_reader
         stop_proxytap
-        note "export ON skipped: proxytap with --sftap-home did not start or served no flow sockets; results are export OFF only"
+        note "export ON D skipped: proxytap with --sftap-home did not start"
     fi
 fi
 

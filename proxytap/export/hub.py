@@ -38,12 +38,13 @@ class Subscriber(Protocol):
 class _Pending:
     """Per-flow state until the flow is classified."""
 
-    __slots__ = ("down", "events", "up")
+    __slots__ = ("down", "events", "tried", "up")
 
     def __init__(self) -> None:
         self.up = bytearray()
         self.down = bytearray()
         self.events: list[tuple[int, bytes, float]] = []
+        self.tried = (-1, -1)  # (len(up), len(down)) the rules last failed on
 
 
 _CLASSIFIED = object()
@@ -120,10 +121,16 @@ class Hub:
     # -----------------------------------------------------------------------------
 
     def _classify(self, flow: Flow, state: _Pending, final: bool, now: float) -> None:
-        server_port = flow.server[1]
-        rule = self.classifier.tcp(
-            bytes(state.up), bytes(state.down), (flow.client[1], server_port), final
-        )
+        seen = (len(state.up), len(state.down))
+        classifier = self.classifier
+        if seen == state.tried:  # the same bytes the rules just failed on: only the default
+            rule = classifier.tcp_default if final else None
+        else:
+            rule = classifier.tcp(
+                bytes(state.up), bytes(state.down), (flow.client[1], flow.server[1]), final
+            )
+            if rule is None and state.up and state.down:
+                state.tried = seen
         if rule is None:
             return
         flow.l7 = rule.name
