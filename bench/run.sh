@@ -18,6 +18,9 @@ RUNS=${BENCH_RUNS:-3}
 WORKLOADS=${BENCH_WORKLOADS:-ABCD}
 PEERS=${BENCH_PEERS:-squid,mitm-pass,mitm-socks-pass,dante}
 PEER_WORKLOADS=${BENCH_PEER_WORKLOADS:-$WORKLOADS}
+# peers measured inside every proxytap round (A/B/C), so drift on a shared machine
+# weighs on them and on proxytap alike; their D still comes from the peer suite
+ROUND_PEERS=${BENCH_ROUND_PEERS-squid}
 EXPORT=${BENCH_EXPORT:-1}                # 0: skip the export-ON pass
 HTTP_PORT=${BENCH_HTTP_PORT:-13180}
 SOCKS_PORT=${BENCH_SOCKS_PORT:-13181}
@@ -38,6 +41,8 @@ note() { log "NOTE: $*"; NOTES+=("$*"); }
 PT_PID=""        # running proxytap
 RD_PID=""        # running sftap reader
 CHILD=""         # running bench.py (backgrounded so signals reach the trap at once)
+UP_PID=""        # running `bench.py up PEER` (a round peer)
+UP_PEER=""       # that peer's pid (its own process group)
 ORIGIN_OURS=0
 PEER_PORTS=()
 declare -A PEER_PRE=()   # port -> listener pids that existed before the suite
@@ -89,6 +94,27 @@ stop_proxytap() {
     PT_PID=""
 }
 
+stop_up() {      # stop a round peer's process group (as bench.py does), then its `bench.py up`
+    [ -n "$UP_PID" ] || return 0
+    local i
+    if [ -n "$UP_PEER" ]; then
+        kill -TERM -- "-$UP_PEER" 2>/dev/null || true
+        for ((i = 0; i < 80; i++)); do
+            kill -0 "$UP_PEER" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL -- "-$UP_PEER" 2>/dev/null || true
+    fi
+    for ((i = 0; i < 100; i++)); do  # it exits once its peer has
+        kill -0 "$UP_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -TERM "$UP_PID" 2>/dev/null || true
+    wait "$UP_PID" 2>/dev/null || true
+    UP_PID=""
+    UP_PEER=""
+}
+
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
@@ -99,6 +125,7 @@ cleanup() {
     fi
     stop_reader
     stop_proxytap
+    stop_up
     # safety net: a peer that bench.py started (own session, cwd $PB_WORK) and left behind
     local port pid
     for port in "${PEER_PORTS[@]}"; do
@@ -369,6 +396,57 @@ d_pass() {
     done
 }
 
+# every selected peer's kind and port (bench.py's table), and which of them join the rounds
+declare -A PEER_KIND=() PEER_PORT=() IN_ROUNDS=()
+if [ ${#PEER_LIST[@]} -gt 0 ]; then
+    while read -r name kind addr _; do
+        for p in "${PEER_LIST[@]}"; do
+            if [ "$p" = "$name" ]; then
+                port=${addr##*:}
+                PEER_KIND[$name]=$kind
+                PEER_PORT[$name]=$port
+                PEER_PORTS+=("$port")
+                PEER_PRE[$port]="$(listen_pids "$port" | tr '\n' ' ')"
+            fi
+        done
+    done < <("${BENCH_PY[@]}" peers)
+    IFS=, read -r -a round_list <<<"$ROUND_PEERS"
+    for p in "${round_list[@]}"; do
+        [ -n "$p" ] && [ -n "${PEER_PORT[$p]:-}" ] && IN_ROUNDS[$p]=1
+    done
+fi
+
+# peer_round NAME R: start the peer (`bench.py up`), A/B/C one run, stop it
+peer_round() {
+    local name=$1 r=$2 wl pid i upout="$TMP/up-$1.out"
+    wl=$(strip_d "$PEER_WORKLOADS")
+    [ "${PEER_KIND[$name]}" = socks5 ] && wl=${wl//A/}
+    [ -n "$wl" ] || return 0
+    PYTHONUNBUFFERED=1 "${BENCH_PY[@]}" up "$name" >"$upout" 2>&1 &
+    UP_PID=$!
+    for ((i = 0; i < 400; i++)); do
+        grep -qE '^(started|failed)' "$upout" 2>/dev/null && break
+        kill -0 "$UP_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    pid=$(awk '/^started/ {print $2}' "$upout")
+    UP_PEER=$pid
+    if [ -z "$pid" ]; then
+        note "peer $name did not start for round $r (see $upout, $PB_WORK/peer-$name.log)"
+        stop_up
+        return 0
+    fi
+    log "bench $name (${PEER_KIND[$name]} 127.0.0.1:${PEER_PORT[$name]}, pid $pid) workloads $wl, round $r"
+    if bg_wait "${BENCH_PY[@]}" run --proxy "127.0.0.1:${PEER_PORT[$name]}" --kind "${PEER_KIND[$name]}" \
+        --pid "$pid" --name "$name" --workloads "$wl" --runs 1 --out "$OUT/$name-r$r.json"; then
+        JSONS+=("$OUT/$name-r$r.json")
+    else
+        note "bench.py run for $name (round $r) failed with status $?"
+        if [ -f "$OUT/$name-r$r.json" ]; then JSONS+=("$OUT/$name-r$r.json"); fi
+    fi
+    stop_up
+}
+
 # A/B/C: export OFF and ON alternate round by round, so a machine that gets busier or
 # quieter during the benchmark weighs on both alike (the export cost is their ratio).
 EXPORT_OK=$EXPORT
@@ -386,6 +464,9 @@ for ((round = 1; round <= RUNS; round++)); do
             note "export ON skipped: proxytap with --sftap-home did not start or served no flow sockets; results are export OFF only"
         fi
     fi
+    for p in "${!IN_ROUNDS[@]}"; do
+        peer_round "$p" "$round"
+    done
 done
 log "== proxytap D, flow export OFF"
 pass_setup "" 0
@@ -400,27 +481,30 @@ if [ "$EXPORT_OK" = 1 ]; then
     fi
 fi
 
-# ------------------------------------------------------------------ peers
+# ------------------------------------------------------------------ peers (the rest)
+# round peers ran A/B/C inside the proxytap rounds; the suite gives them D only
 if [ ${#PEER_LIST[@]} -gt 0 ]; then
-    while read -r name _ addr _; do
-        for p in "${PEER_LIST[@]}"; do
-            if [ "$p" = "$name" ]; then
-                port=${addr##*:}
-                PEER_PORTS+=("$port")
-                PEER_PRE[$port]="$(listen_pids "$port" | tr '\n' ' ')"
-            fi
-        done
-    done < <("${BENCH_PY[@]}" peers)
-    log "== peers: $PEERS, workloads $PEER_WORKLOADS, $RUNS run(s)"
-    if bg_wait "${BENCH_PY[@]}" suite --peers "$PEERS" --workloads "$PEER_WORKLOADS" \
-        --runs "$RUNS" --out "$OUT/peers.json"; then
-        :
-    else
-        note "bench.py suite (peers) failed with status $?"
+    suite() {  # suite PEERS WORKLOADS OUTFILE
+        log "== peers: $1, workloads $2, $RUNS run(s)"
+        if bg_wait "${BENCH_PY[@]}" suite --peers "$1" --workloads "$2" --runs "$RUNS" --out "$3"; then
+            :
+        else
+            note "bench.py suite ($1) failed with status $?"
+        fi
+        if [ -f "$3" ]; then JSONS+=("$3"); fi
+        failed=$("$PY3" -c 'import json,sys; print(",".join(json.load(open(sys.argv[1]))["meta"].get("failed_to_start", [])))' "$3" 2>/dev/null || true)
+        if [ -n "$failed" ]; then note "peers that failed to start: $failed (logs: $PB_WORK/peer-*.log)"; fi
+    }
+    rest=()
+    for p in "${PEER_LIST[@]}"; do
+        [ -n "${IN_ROUNDS[$p]:-}" ] || rest+=("$p")
+    done
+    if [ ${#rest[@]} -gt 0 ]; then
+        suite "$(IFS=,; echo "${rest[*]}")" "$PEER_WORKLOADS" "$OUT/peers.json"
     fi
-    if [ -f "$OUT/peers.json" ]; then JSONS+=("$OUT/peers.json"); fi
-    failed=$("$PY3" -c 'import json,sys; print(",".join(json.load(open(sys.argv[1]))["meta"].get("failed_to_start", [])))' "$OUT/peers.json" 2>/dev/null || true)
-    if [ -n "$failed" ]; then note "peers that failed to start: $failed (logs: $PB_WORK/peer-*.log)"; fi
+    if [ ${#IN_ROUNDS[@]} -gt 0 ] && [[ $PEER_WORKLOADS == *D* ]]; then
+        suite "$(IFS=,; echo "${!IN_ROUNDS[*]}")" D "$OUT/peers-d.json"
+    fi
 fi
 
 # ------------------------------------------------------------------ report
