@@ -54,6 +54,7 @@ CREATED), and checks every field that changes the meaning or the framing.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import socket
@@ -166,10 +167,35 @@ class FlowKey:
             raise ProtocolError(f"bad hop {self.hop}")
         a1 = _pack_addr(self.ip1, self.l3)
         a2 = _pack_addr(self.ip2, self.l3)
-        ip1, ip2 = _ntop(a1, self.l3), _ntop(a2, self.l3)
         setattr_ = object.__setattr__
-        setattr_(self, "ip1", ip1)
-        setattr_(self, "ip2", ip2)
+        setattr_(self, "ip1", _ntop(a1, self.l3))
+        setattr_(self, "ip2", _ntop(a2, self.l3))
+        self._render(a1, a2)
+
+    @classmethod
+    def _checked(
+        cls, a1: bytes, a2: bytes, port1: int, port2: int, hop: int, l3: str, l4: str
+    ) -> FlowKey:
+        """A key from packed addresses already checked and ordered (``flow_key``'s way)."""
+        if not 0 <= hop <= 0xFF:
+            raise ProtocolError(f"bad hop {hop}")
+        if l4 not in _L4_CODE:
+            raise ProtocolError(f"bad l4 {l4!r}")
+        key = object.__new__(cls)
+        setattr_ = object.__setattr__
+        setattr_(key, "ip1", _ntop(a1, l3))
+        setattr_(key, "ip2", _ntop(a2, l3))
+        setattr_(key, "port1", port1)
+        setattr_(key, "port2", port2)
+        setattr_(key, "hop", hop)
+        setattr_(key, "l3", l3)
+        setattr_(key, "l4", l4)
+        key._render(a1, a2)
+        return key
+
+    def _render(self, a1: bytes, a2: bytes) -> None:
+        setattr_ = object.__setattr__
+        ip1, ip2 = self.ip1, self.ip2
         ends = f"ip1={ip1},ip2={ip2},port1={self.port1},port2={self.port2}"
         rest = f",hop={self.hop},l3={self.l3},l4={self.l4}"
         setattr_(self, "prefix", ends + rest)
@@ -188,6 +214,7 @@ class FlowKey:
         return f"{ends},vlan={vlan},hop={self.hop},l3={self.l3},l4={self.l4}".encode("ascii")
 
 
+@functools.lru_cache(maxsize=4096)
 def _addr16(ip: str) -> tuple[bytes, bool]:
     """(16-byte comparable address, is IPv4) for an endpoint's text address."""
     try:
@@ -227,7 +254,10 @@ def flow_key(
         a1, p1, a2, p2 = ca, cport, sa, sport
     else:
         a1, p1, a2, p2 = sa, sport, ca, cport
-    return FlowKey(_ntop(a1, l3), _ntop(a2, l3), p1, p2, hop, l3, l4), client_is_1
+    for port in (cport, sport):
+        if not 0 <= port <= 0xFFFF:
+            raise ProtocolError(f"bad port {port}")
+    return FlowKey._checked(a1, a2, p1, p2, hop, l3, l4), client_is_1
 
 
 def flow_hash(key: FlowKey) -> int:

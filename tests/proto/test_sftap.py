@@ -186,6 +186,30 @@ def test_flow_key_is_symmetric(a: tuple[str, int], b: tuple[str, int], l4: str, 
     assert (k1.addrs[:16], k1.port1) <= (k1.addrs[16:], k1.port2)
 
 
+@given(_endpoint, _endpoint, st.sampled_from(["tcp", "udp"]), st.integers(0, 255))
+def test_flow_key_renders_as_the_public_constructor(
+    a: tuple[str, int], b: tuple[str, int], l4: str, hop: int
+) -> None:
+    """``flow_key`` builds its key from the packed addresses it already has; the result
+    is what the checking constructor makes of the same fields, every rendering too."""
+    key, _ = flow_key(a, b, l4, hop)
+    ref = FlowKey(key.ip1, key.ip2, key.port1, key.port2, key.hop, key.l3, key.l4)
+    assert key == ref
+    for name in ("prefix", "head", "head_vlan", "addrs", "ports"):
+        assert getattr(key, name) == getattr(ref, name), name
+
+
+def test_flow_key_refuses_what_the_constructor_refuses() -> None:
+    with pytest.raises(ProtocolError):
+        flow_key(("10.0.0.1", 70000), ("10.0.0.2", 80))
+    with pytest.raises(ProtocolError):
+        flow_key(("10.0.0.1", 1), ("10.0.0.2", 80), "sctp")
+    with pytest.raises(ProtocolError):
+        flow_key(("10.0.0.1", 1), ("10.0.0.2", 80), "tcp", 256)
+    with pytest.raises(ProtocolError):
+        flow_key(("not an address", 1), ("10.0.0.2", 80))
+
+
 # -- balance hash ---------------------------------------------------------------
 
 
