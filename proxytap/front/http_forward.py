@@ -897,6 +897,8 @@ class HttpForwarder(asyncio.Protocol):
         if self.closed or not self.queue or self.queue[0] is not req:
             return
         self.queue.popleft()
+        if not req.responded:
+            req.status = up.error[0]  # the access line shows the proxy's own answer
         self._log(req, self.loop.time())
         self._end(req)
         if not req.responded:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -671,12 +672,16 @@ async def test_malformed_second_request_and_connect_midway(
         writer.close()
 
 
-async def test_connection_refused(proxy: RunningProxy) -> None:
+async def test_connection_refused(proxy: RunningProxy, caplog: pytest.LogCaptureFixture) -> None:
     port = closed_port()
-    got = await exchange(proxy, b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % port)
+    caplog.set_level(logging.INFO, "proxytap.access")
+    got = await exchange(proxy, b"GET http://127.0.0.1:%d/x?q HTTP/1.1\r\n\r\n" % port)
     assert got == error_reply(
         b"502 Bad Gateway", b"connection_refused", b"the destination refused the connection"
     )
+    # the access line carries the proxy's own answer, and no query string
+    lines = [r.getMessage() for r in caplog.records if r.name == "proxytap.access"]
+    assert len(lines) == 1 and f" GET 127.0.0.1:{port}/x 502 up=0 down=0 " in lines[0], lines
 
 
 async def test_origin_closes_before_response(proxy: RunningProxy, raw_server: ProxyFactory) -> None:
