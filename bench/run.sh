@@ -6,6 +6,8 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
+# nginx, squid and danted live in sbin, which a bare or non-root PATH lacks
+case ":$PATH:" in *:/usr/sbin:*) ;; *) export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin" ;; esac
 if [ $# -gt 0 ]; then
     echo "bench/run.sh takes no arguments; set BENCH_* / PB_* variables (see bench/README.md)" >&2
     exit 2
