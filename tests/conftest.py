@@ -303,6 +303,16 @@ async def raw_server() -> AsyncIterator[Callable[..., Any]]:
         s.close()
 
 
+async def exchange(addr: tuple[str, int], data: bytes, local: str | None = None) -> bytes:
+    """Send ``data`` on a new connection (from ``local`` when given) and read until EOF."""
+    reader, writer = await asyncio.open_connection(*addr, local_addr=(local, 0) if local else None)
+    writer.write(data)
+    try:
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
 def closed_port() -> int:
     """A loopback port with nothing listening."""
     with socket.socket() as s:

@@ -33,7 +33,15 @@ from proxytap.export.loopback7 import Loopback7Writer
 from proxytap.export.sftap_server import SftapServer
 from proxytap.metrics import METRICS
 from proxytap.policy.auth import AuthConfig
-from tests.conftest import TEST_ACCESS, ProxyFactory, RunningProxy, closed_port, pattern, run
+from tests.conftest import (
+    TEST_ACCESS,
+    ProxyFactory,
+    RunningProxy,
+    closed_port,
+    exchange,
+    pattern,
+    run,
+)
 from tests.export.sftap_helpers import TapReader, check_stream, short_tmp, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,15 +182,6 @@ async def standin(home: Path) -> AsyncIterator[Standin]:
     server.close()
 
 
-async def raw_exchange(addr: tuple[str, int], data: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection(*addr)
-    writer.write(data)
-    try:
-        return await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
-
-
 def connect_req(target: str, credentials: str | None) -> bytes:
     import base64
 
@@ -262,15 +261,15 @@ async def test_scripted_session_exact_counters(
     # 2. SOCKS5 (python-socks, user name and password)
     assert (await socks_get(proxy, recording_origin.port, "/hello")).endswith(b"\r\n\r\nhello")
     # 3. a destination a rule denies: refused without a connect attempt
-    got = await raw_exchange(
+    got = await exchange(
         proxy.http, connect_req(f"blocked.test:{recording_origin.port}", "alice:s3cret")
     )
     assert got.startswith(b"HTTP/1.1 403 ") and b"error=destination_ip_prohibited" in got
     # 4. a destination that refuses the connection
-    got = await raw_exchange(proxy.http, connect_req(f"127.0.0.1:{closed_port()}", "alice:s3cret"))
+    got = await exchange(proxy.http, connect_req(f"127.0.0.1:{closed_port()}", "alice:s3cret"))
     assert got.startswith(b"HTTP/1.1 502 ") and b"error=connection_refused" in got
     # 5. a wrong password
-    got = await raw_exchange(proxy.http, connect_req(origin, "alice:wrong"))
+    got = await exchange(proxy.http, connect_req(origin, "alice:wrong"))
     assert got.startswith(b"HTTP/1.1 407 ")
     # 6. 4 MiB through SOCKS5 while the flow-socket reader sleeps
     big = await socks_get(proxy, recording_origin.port, "/big")

@@ -20,7 +20,7 @@ from python_socks.async_.asyncio import Proxy
 from proxytap.config import Config, ListenerConfig, ModulesConfig
 from proxytap.errors import ConfigError
 from proxytap.modules.loader import build_chains, check_modules, header_rules
-from tests.conftest import TEST_ACCESS, ProxyFactory, RawServer, RunningProxy, here, run
+from tests.conftest import TEST_ACCESS, ProxyFactory, RawServer, RunningProxy, exchange, here, run
 from tests.front.test_http_forward import Script, error_reply, ok, read_message
 
 ADDONS = here().parent / "addons"
@@ -55,15 +55,6 @@ async def start_script(raw_server: ProxyFactory, *answers: bytes) -> tuple[Scrip
     script = Script(list(answers))
     server: RawServer = await raw_server(script)
     return script, server
-
-
-async def exchange(proxy: RunningProxy, request: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection(*proxy.http)
-    writer.write(request)
-    try:
-        return await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
 
 
 async def fetch(proxy: RunningProxy, request: bytes) -> bytes:
@@ -255,7 +246,7 @@ async def test_an_exception_in_a_module_fails_closed(
     proxy: RunningProxy = await start_proxy(config(tmp_path, ("validate", "boom"), boom=BOOM))
     script, server = await start_script(raw_server, ok())
     with caplog.at_level(logging.ERROR, logger="proxytap.modules"):
-        got = await exchange(proxy, get(server.port, b"/boom"))
+        got = await exchange(proxy.http, get(server.port, b"/boom"))
     assert got == error_reply(
         b"500 Internal Server Error",
         b"proxy_internal_error",
@@ -312,7 +303,7 @@ async def test_a_module_cannot_smuggle_through_the_head(
         server.port,
         what.encode(),
     )
-    got = await exchange(proxy, request)
+    got = await exchange(proxy.http, request)
     assert got.startswith(b"HTTP/1.1 500 Internal Server Error\r\n"), got
     assert proxy.app.services.stats.module_errors == Counter({"breaker": 1})
     assert script.connections == 0
@@ -387,14 +378,14 @@ async def test_refusals_and_header_changes_both_ways(
     )
     writer.close()
     # a refused request: nothing goes upstream
-    got = await exchange(proxy, get(server.port, b"/secret/x"))
+    got = await exchange(proxy.http, get(server.port, b"/secret/x"))
     assert got == error_reply(
         b"451 Unavailable For Legal Reasons",
         b"http_request_denied",
         b"unavailable for legal reasons",
     )
     assert len(script.requests) == 2
-    got = await exchange(proxy, get(9))
+    got = await exchange(proxy.http, get(9))
     assert got.startswith(b"HTTP/1.1 403 Forbidden\r\n") and got.endswith(
         b"port 9 is closed here\n"
     )
@@ -402,7 +393,7 @@ async def test_refusals_and_header_changes_both_ways(
     with pytest.raises(ProxyError) as info:
         await Proxy(ProxyType.SOCKS5, *proxy.http).connect("127.0.0.1", 9, timeout=5)
     assert info.value.error_code == 0x02
-    got = await exchange(proxy, b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n")
+    got = await exchange(proxy.http, b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n")
     assert got.startswith(b"HTTP/1.1 403 Forbidden\r\n") and got.endswith(
         b"port 9 is closed here\n"
     )
@@ -583,13 +574,13 @@ async def test_a_bug_in_the_built_in_rules_fails_closed(
         raise KeyError("a bug")
 
     proxy.app.services.rules.prepare_request = broken  # type: ignore[method-assign]
-    got = await exchange(proxy, get(server.port))
+    got = await exchange(proxy.http, get(server.port))
     assert got.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
     assert b"error=proxy_internal_error" in got
     assert proxy.app.services.stats.module_errors == Counter({"validate": 1})
     proxy.app.services.rules.prepare_response = broken  # type: ignore[method-assign]
     del proxy.app.services.rules.prepare_request  # the class's own again
-    got = await exchange(proxy, get(server.port))
+    got = await exchange(proxy.http, get(server.port))
     assert got.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
     assert proxy.app.services.stats.module_errors == Counter({"validate": 2})
     assert len(script.requests) == 1  # the request went, the response did not come back

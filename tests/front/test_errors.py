@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from proxytap.front.upstream import SockAddr, SocketConnector, SystemResolver
-from tests.conftest import ProxyFactory, RunningProxy, closed_port
+from tests.conftest import ProxyFactory, RunningProxy, closed_port, exchange
 
 NX = "no-such-host.invalid"
 BLACKHOLE_PORT = 9  # the injected connector never completes a connect to this port
@@ -73,15 +73,6 @@ async def eproxy(start_proxy: ProxyFactory) -> RunningProxy:
             return await connector.connect(family, sockaddr)
 
     return await start_proxy(resolver=FailingResolver(), connector=Both(), connect=0.5)  # type: ignore[no-any-return]
-
-
-async def exchange(addr: tuple[str, int], data: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection(*addr)
-    writer.write(data)
-    try:
-        return await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
 
 
 def connect_req(target: str) -> bytes:

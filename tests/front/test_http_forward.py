@@ -37,6 +37,7 @@ from tests.conftest import (
     check_curl_upload,
     closed_port,
     curl,
+    exchange,
     pattern,
     pattern_sha256,
 )
@@ -442,7 +443,8 @@ async def test_host_header_must_match_the_uri(
     # another host or port: 400, nothing sent (cache poisoning, routing tricks)
     for host in (b"evil.example", b"127.0.0.1", b"127.0.0.1:1"):
         got = await exchange(
-            proxy, b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: %b\r\n\r\n" % (server.port, host)
+            proxy.http,
+            b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: %b\r\n\r\n" % (server.port, host),
         )
         assert got.startswith(b"HTTP/1.1 400 Bad Request\r\n"), got
         assert got.endswith(b"the Host header field does not match the request target\n")
@@ -617,17 +619,8 @@ def error_reply(status: bytes, error: bytes, text: bytes) -> bytes:
     )
 
 
-async def exchange(proxy: RunningProxy, request: bytes) -> bytes:
-    reader, writer = await client(proxy)
-    writer.write(request)
-    try:
-        return await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
-
-
 async def test_origin_form_is_refused(proxy: RunningProxy) -> None:
-    got = await exchange(proxy, b"GET /index.html HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    got = await exchange(proxy.http, b"GET /index.html HTTP/1.1\r\nHost: example.com\r\n\r\n")
     assert got == error_reply(
         b"400 Bad Request",
         b"http_request_error",
@@ -651,7 +644,7 @@ async def test_origin_form_is_refused(proxy: RunningProxy) -> None:
     ],
 )
 async def test_refusals(proxy: RunningProxy, request_bytes: bytes, status: bytes) -> None:
-    got = await exchange(proxy, request_bytes)
+    got = await exchange(proxy.http, request_bytes)
     assert got.startswith(b"HTTP/1.1 " + status), got[:200]
     assert b"\r\nProxy-Status: proxytap; error=http_request_error\r\n" in got
 
@@ -675,7 +668,7 @@ async def test_malformed_second_request_and_connect_midway(
 async def test_connection_refused(proxy: RunningProxy, caplog: pytest.LogCaptureFixture) -> None:
     port = closed_port()
     caplog.set_level(logging.INFO, "proxytap.access")
-    got = await exchange(proxy, b"GET http://127.0.0.1:%d/x?q HTTP/1.1\r\n\r\n" % port)
+    got = await exchange(proxy.http, b"GET http://127.0.0.1:%d/x?q HTTP/1.1\r\n\r\n" % port)
     assert got == error_reply(
         b"502 Bad Gateway", b"connection_refused", b"the destination refused the connection"
     )
@@ -691,7 +684,7 @@ async def test_origin_closes_before_response(proxy: RunningProxy, raw_server: Pr
         await writer.drain()
 
     server: RawServer = await raw_server(hang_up)
-    got = await exchange(proxy, b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port)
+    got = await exchange(proxy.http, b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port)
     assert got == error_reply(
         b"502 Bad Gateway",
         b"http_response_incomplete",
@@ -701,7 +694,7 @@ async def test_origin_closes_before_response(proxy: RunningProxy, raw_server: Pr
 
 async def test_invalid_response(proxy: RunningProxy, raw_server: ProxyFactory) -> None:
     _, server = await start_script(raw_server, b"SSH-2.0-OpenSSH\r\n\r\n")
-    got = await exchange(proxy, b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port)
+    got = await exchange(proxy.http, b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port)
     assert got.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
     assert b"error=http_protocol_error" in got
 
@@ -755,7 +748,7 @@ async def test_idle_timeout_answers_504(
 
     script = Script([silent])
     server: RawServer = await raw_server(script)
-    got = await exchange(proxy, b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port)
+    got = await exchange(proxy.http, b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port)
     assert got == error_reply(
         b"504 Gateway Timeout", b"http_response_timeout", b"the destination did not answer in time"
     )
@@ -895,7 +888,7 @@ async def test_interim_responses(proxy: RunningProxy, raw_server: ProxyFactory) 
     assert (await read_message(reader)).body == b"final"
     writer.close()
     # not to an HTTP/1.0 client (RFC 9110 section 15.2)
-    got = await exchange(proxy, b"GET http://127.0.0.1:%d/ HTTP/1.0\r\n\r\n" % server.port)
+    got = await exchange(proxy.http, b"GET http://127.0.0.1:%d/ HTTP/1.0\r\n\r\n" % server.port)
     assert got.startswith(b"HTTP/1.1 200 OK\r\n") and got.endswith(b"final")
 
 
@@ -919,7 +912,7 @@ async def test_heads_split_across_reads(proxy: RunningProxy, raw_server: ProxyFa
 async def test_oversized_response_head(proxy: RunningProxy, raw_server: ProxyFactory) -> None:
     big = b"HTTP/1.1 200 OK\r\n" + b"X-Big: " + b"y" * 70000 + b"\r\n\r\n"
     _, server = await start_script(raw_server, big)
-    got = await exchange(proxy, b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port)
+    got = await exchange(proxy.http, b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port)
     assert got.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
     assert b"error=http_response_header_section_size" in got
 
@@ -998,7 +991,7 @@ async def test_bad_chunk_in_upload(proxy: RunningProxy, raw_server: ProxyFactory
 
     server: RawServer = await raw_server(swallow)
     got = await exchange(
-        proxy,
+        proxy.http,
         b"POST http://127.0.0.1:%d/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"5\r\nhello\r\nzz\r\n" % server.port,
     )
@@ -1064,7 +1057,7 @@ async def test_proxy_authentication(auth_proxy: RunningProxy, origin: Origin) ->
     for args in (["--proxy-user", "alice:wrong"], []):
         rc, _, err = await curl("-x", auth_proxy.http_url, "--fail", *args, url)
         assert rc != 0 and b"407" in err, err
-    got = await exchange(auth_proxy, b"GET %b HTTP/1.1\r\n\r\n" % url.encode())
+    got = await exchange(auth_proxy.http, b"GET %b HTTP/1.1\r\n\r\n" % url.encode())
     assert got.startswith(b"HTTP/1.1 407 Proxy Authentication Required\r\n")
     assert b'\r\nProxy-Authenticate: Basic realm="proxytap", charset="UTF-8"\r\n' in got
     assert auth_proxy.app.services.refusals[("auth", "bad credentials")] == 1
@@ -1093,12 +1086,12 @@ async def test_destination_policy_and_dns_errors(start_proxy: ProxyFactory) -> N
 
     cfg = Config(listeners=(ListenerConfig(kind="http", address="127.0.0.1:0", name="http"),))
     proxy: RunningProxy = await start_proxy(cfg, resolver=Resolver())
-    got = await exchange(proxy, b"GET http://no-such-host.invalid/ HTTP/1.1\r\n\r\n")
+    got = await exchange(proxy.http, b"GET http://no-such-host.invalid/ HTTP/1.1\r\n\r\n")
     assert got == error_reply(
         b"502 Bad Gateway", b"dns_error", b"the destination name could not be resolved"
     )
     # loopback is not a destination by default (an open proxy into the host)
-    got = await exchange(proxy, b"GET http://127.0.0.1:1/ HTTP/1.1\r\n\r\n")
+    got = await exchange(proxy.http, b"GET http://127.0.0.1:1/ HTTP/1.1\r\n\r\n")
     assert got.startswith(b"HTTP/1.1 403 Forbidden\r\n")
 
 
@@ -1255,13 +1248,13 @@ async def test_methods_outside_the_configured_set(
     script, server = await start_script(raw_server, ok())
     for method in (b"DELETE", b"POST"):
         got = await exchange(
-            proxy, b"%b http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % (method, server.port)
+            proxy.http, b"%b http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % (method, server.port)
         )
         assert got == error_reply(
             b"501 Not Implemented",
             b"http_request_denied",
             b"method %b is not allowed" % method,
         )
-    got = await exchange(proxy, b"CONNECT 127.0.0.1:%d HTTP/1.1\r\n\r\n" % server.port)
+    got = await exchange(proxy.http, b"CONNECT 127.0.0.1:%d HTTP/1.1\r\n\r\n" % server.port)
     assert got.startswith(b"HTTP/1.1 501 Not Implemented\r\n")
     assert script.connections == 0

@@ -20,7 +20,15 @@ from proxytap.front.upstream import SockAddr, SocketConnector, SystemResolver
 from proxytap.policy.acl import AccessConfig
 from proxytap.policy.auth import AuthConfig
 from tests.certs import Pki
-from tests.conftest import TEST_ACCESS, Origin, ProxyFactory, RawServer, RunningProxy, run
+from tests.conftest import (
+    TEST_ACCESS,
+    Origin,
+    ProxyFactory,
+    RawServer,
+    RunningProxy,
+    exchange,
+    run,
+)
 
 LISTENERS = (
     ListenerConfig(kind="http", address="127.0.0.1:0", name="http"),
@@ -51,15 +59,6 @@ class MapResolver(SystemResolver):
                 return [(socket.AF_INET6, (addr, port, 0, 0))]
             return [(socket.AF_INET, (addr, port))]
         return await super().resolve(host, port)
-
-
-async def exchange(addr: tuple[str, int], data: bytes, local: str | None = None) -> bytes:
-    reader, writer = await asyncio.open_connection(*addr, local_addr=(local, 0) if local else None)
-    writer.write(data)
-    try:
-        return await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
 
 
 def connect_req(target: str, extra: str = "") -> bytes:
