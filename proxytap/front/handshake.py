@@ -22,7 +22,7 @@ from proxytap.errors import Failure, ProtocolError, UpstreamError, classify_os_e
 from proxytap.flows.table import CloseReason, Connection, Endpoint, endpoint
 from proxytap.front.inspect import HelloInspector
 from proxytap.front.modchain import filtering_sides
-from proxytap.front.relay import EARLY_LIMIT, PendingUpstream, Relay, linger_close
+from proxytap.front.relay import Early, PendingUpstream, Relay, linger_close
 from proxytap.front.services import Services
 from proxytap.logstream import access
 from proxytap.modules.api import Context, ModuleError
@@ -67,11 +67,8 @@ class ClientConnection(asyncio.Protocol):
         self.first_byte = -1
         self.chain = services.chains[listener.name]
         self.ctx: Context | None = None  # the tunnel's module context (modules only)
-        # connecting: what the client sends before its reply is kept for the relay
-        self.connecting = False
-        self.extra: list[bytes] = []
-        self.extra_size = 0
-        self.client_eof = False
+        # while connecting: what the client sends before its reply, kept for the relay
+        self.early: Early | None = None
 
     # -- asyncio callbacks ----------------------------------------------------------
 
@@ -96,11 +93,8 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.done:
             return
-        if self.connecting:
-            self.extra.append(data)
-            self.extra_size += len(data)
-            if self.extra_size >= EARLY_LIMIT and self.transport is not None:
-                self.transport.pause_reading()  # the relay resumes it
+        if self.early is not None:
+            self.early.add(data, self.transport)
             return
         if self.socks is None and not self.http:
             kind = self.listener.kind
@@ -124,8 +118,8 @@ class ClientConnection(asyncio.Protocol):
     def eof_received(self) -> bool:
         if self.done:
             return False
-        if self.connecting:  # a half-close after the request: the relay passes it on
-            self.client_eof = True
+        if self.early is not None:  # a half-close after the request: the relay passes it on
+            self.early.eof = True
             return True
         if self.socks is not None:
             try:
@@ -246,7 +240,7 @@ class ClientConnection(asyncio.Protocol):
         credentials: tuple[str, ...] | None = None,
     ) -> None:
         assert self.transport is not None and self.conn is not None
-        self.connecting = True  # reading goes on: bytes are kept, not parsed (no poller update)
+        self.early = Early()  # reading goes on: bytes are kept, not parsed (no poller update)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -358,16 +352,18 @@ class ClientConnection(asyncio.Protocol):
             port,
             *peer,
         )
-        if self.extra:
-            early += b"".join(self.extra)
-            self.extra = []
+        held = self.early
+        assert held is not None
+        if held.chunks:
+            early += b"".join(held.chunks)
+            held.chunks = []
         relay.start(
             client,
             server,
             pending,
             early,
             services.config.limits.write_buffer_high,
-            client_eof=self.client_eof,
+            client_eof=held.eof,
             inspect=self._inspector,
             sides=sides,
         )

@@ -40,20 +40,38 @@ def reset(transport: asyncio.BaseTransport) -> None:
     transport.abort()  # type: ignore[attr-defined]
 
 
+class Early:
+    """Bytes (and an EOF) read from one side of a tunnel before the relay starts.
+
+    Reading goes on while the tunnel is set up, and pauses only once
+    ``EARLY_LIMIT`` bytes wait (the relay resumes it): pausing and resuming
+    every new tunnel would cost two poller updates.
+    """
+
+    __slots__ = ("chunks", "eof", "size")
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.eof = False
+
+    def add(self, data: bytes, transport: asyncio.Transport | None) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+        if self.size >= EARLY_LIMIT and transport is not None:
+            transport.pause_reading()
+
+
 class PendingUpstream(asyncio.Protocol):
     """The upstream transport's protocol between connect and the relay's start.
 
-    Whatever arrives before the client has its reply is kept and replayed to
-    the relay (reading pauses only past ``EARLY_LIMIT``: pausing and resuming
-    every new tunnel would cost two poller updates); a loss is remembered and
-    replayed too.
+    Whatever arrives before the client has its reply is kept (``Early``) and
+    replayed to the relay; a loss is remembered and replayed too.
     """
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.eof = False
+        self.early = Early()
         self.lost = False
         self.exc: Exception | None = None
 
@@ -61,13 +79,10 @@ class PendingUpstream(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        self.chunks.append(data)
-        self.size += len(data)
-        if self.size >= EARLY_LIMIT and self.transport is not None:
-            self.transport.pause_reading()
+        self.early.add(data, self.transport)
 
     def eof_received(self) -> bool:
-        self.eof = True
+        self.early.eof = True
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -193,17 +208,17 @@ class Relay:
             first.data_received(early)
         if client_eof and not self.closed:
             first.eof_received()
-        for chunk in pending.chunks:
+        for chunk in pending.early.chunks:
             self.down.data_received(chunk)
         if pending.lost:
             self.down.connection_lost(pending.exc)
             return
-        if pending.eof:
+        if pending.early.eof:
             self.down.eof_received()
         if not self.closed:  # a side that ended is not read again (uvloop would repeat the EOF)
             if not client_eof:
                 client.resume_reading()
-            if not pending.eof:
+            if not pending.early.eof:
                 server.resume_reading()
 
     def _idle_check(self) -> None:
