@@ -131,7 +131,8 @@ class Services:
 
         The name is judged before any lookup, every resolved address right
         before it would be contacted (a denied address is never sent a
-        packet). Also returns the address connected to (no ``getpeername``).
+        packet). Also returns the address connected to, so callers need not ask
+        the transport for it.
         ``UpstreamError`` names the failure.
         """
         connector = self.connector
