@@ -151,17 +151,19 @@ class ClientHelloReader:
         self._buf = bytearray()  # bytes of the current, incomplete record
         self._msg = bytearray()  # handshake bytes gathered from complete records
         self._result: ClientHello | None = None
-        self._error: ProtocolError | None = None
+        self._failed: str | None = None  # the reason of the error raised, once spent
 
     def feed(self, data: bytes) -> ClientHello | None:
         if self._result is not None:
             return self._result
-        if self._error is not None:
-            raise self._error
+        if self._failed is not None:
+            raise ProtocolError(self._failed, proxy_status="tls_protocol_error")
         try:
             self._result = self._feed(data)
         except ProtocolError as exc:
-            self._error = exc
+            # the reason only: the exception's traceback holds the caller's frames,
+            # and with them whoever holds this reader (a reference cycle)
+            self._failed = exc.reason
             self._buf.clear()
             self._msg.clear()
             raise

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import ssl
+import weakref
 from functools import cache
 
 import pytest
@@ -365,6 +367,36 @@ def test_error_is_early_on_non_tls() -> None:
         ClientHelloReader().feed(b"G")
     with pytest.raises(ProtocolError, match="not ClientHello"):
         ClientHelloReader().feed(b"\x16\x03\x01\x00\x30\x02")
+
+
+def test_a_spent_reader_keeps_no_frames() -> None:
+    """The error is raised again with its reason, and the reader keeps no traceback:
+    one would hold the caller's frames, and through them whoever holds the reader."""
+
+    class Holder:
+        def __init__(self) -> None:
+            self.reader = ClientHelloReader()
+
+        def feed(self, data: bytes) -> str:
+            try:
+                self.reader.feed(data)
+            except ProtocolError as exc:
+                return exc.reason
+            raise AssertionError("no error")
+
+    holder = Holder()
+    first = holder.feed(b"\x16\x03\x01\x00\x30\x02")
+    again = holder.feed(b"")
+    assert first == again and "not ClientHello" in first
+    gone = weakref.ref(holder)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del holder
+        assert gone() is None  # freed by reference counting alone
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def test_size_limit_before_the_body_arrives() -> None:
