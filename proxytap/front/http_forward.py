@@ -99,6 +99,9 @@ Decisions
       it, both ways.
     * Logs: one line per request on the ``proxytap.access`` logger (method,
       host, path without query, status, bytes); raise its level to silence it.
+      ``up`` / ``down`` count what went to and came from the origin for that
+      request, head and body, as the flow does: a connection's one request
+      has the numbers of its flow in the flow log.
     * Performance: protocol callbacks only; a task exists only while a new
       upstream connection is made (or credentials are first checked). Writes
       made while one read is handled are joined and written once.
@@ -230,8 +233,8 @@ class _Request:
     retried = False
     status = 0
     body_bytes = 0
-    up_bytes = 0
-    down_bytes = 0
+    up_bytes = 0  # written to the origin for this request (head and body as framed)
+    down_bytes = 0  # received from the origin while answering it (head and body)
     # modules: the context, and the body read before the request hooks ran
     ctx: Context | None = None
     prepared = True  # the request hooks ran (or there are none): ``head`` is final
@@ -1261,6 +1264,7 @@ class _Upstream(asyncio.Protocol):
             self.close(CloseReason.ERROR)
             return
         self.got += len(data)
+        req.down_bytes += len(data)  # as the flow counts them: what the origin sent
         err: _BadResponse | None = None
         fwd.ccork = True
         try:
@@ -1470,7 +1474,6 @@ class _Upstream(asyncio.Protocol):
                 b"Connection: keep-alive\r\n\r\n" if keep else b"Connection: close\r\n\r\n",
             )
         )
-        req.down_bytes += len(head)
         fwd.write(head)
         req.responded = True
         if req.is_head:  # llhttp would wait for a body: a new parser for the next response
@@ -1493,7 +1496,6 @@ class _Upstream(asyncio.Protocol):
             return
         else:
             head = b"".join((line, _CRLF, block, _CRLF))
-        req.down_bytes += len(head)
         fwd.write(head)
 
     def message_complete(self) -> None:

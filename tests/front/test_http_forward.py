@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
+import re
+import signal
 import socket
 import struct
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1258,3 +1262,96 @@ async def test_methods_outside_the_configured_set(
     got = await exchange(proxy.http, b"CONNECT 127.0.0.1:%d HTTP/1.1\r\n\r\n" % server.port)
     assert got.startswith(b"HTTP/1.1 501 Not Implemented\r\n")
     assert script.connections == 0
+
+
+# -- the access line counts what the flow log counts ---------------------------------------
+
+ACCESS_LINE = re.compile(
+    r"INFO proxytap\.access: 127\.0\.0\.1:(\d+) GET (\S+) (\d+) up=(\d+) down=(\d+) "
+)
+
+
+async def test_access_line_bytes_equal_the_flow_logs(origin: Origin, tmp_path: Path) -> None:
+    """The real process, as an operator runs it: a 64 MiB GET on a connection of its own
+    (one request, one upstream connection, so its access line and its flow record
+    describe the same bytes), then two requests on one kept-alive connection (one flow:
+    its access lines add up to it)."""
+    flows = tmp_path / "flows.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxytap",
+        "run",
+        "--http",
+        "127.0.0.1:0",
+        "--admin",
+        "off",
+        "--allow-dest",
+        "127.0.0.0/8",
+        "--log-flows",
+        str(flows),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    stderr = proc.stderr
+    lines: list[str] = []
+
+    async def line_matching(pattern: re.Pattern[str]) -> re.Match[str]:
+        while True:
+            line = (await asyncio.wait_for(stderr.readline(), 60)).decode()
+            assert line, f"proxytap exited early: {lines}"
+            lines.append(line)
+            if m := pattern.search(line):
+                return m
+
+    async def records(count: int) -> list[dict[str, Any]]:
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            got = flows.read_text().splitlines() if flows.exists() else []
+            if len(got) >= count:
+                return [json.loads(x) for x in got]
+            assert asyncio.get_running_loop().time() < deadline, got
+            await asyncio.sleep(0.02)
+
+    size = 64 << 20
+    try:
+        port = int((await line_matching(re.compile(r"listening: http http on \S+:(\d+)")))[1])
+        await line_matching(re.compile("proxytap ready"))
+        proxy_url = f"http://127.0.0.1:{port}"
+        out = tmp_path / "down"
+        rc, _, err = await curl(
+            "--fail", "-o", str(out), "-x", proxy_url, f"{origin.url}/bytes/{size}"
+        )
+        assert rc == 0, err
+        assert out.stat().st_size == size
+        big = await line_matching(ACCESS_LINE)
+        (record,) = await records(1)
+        assert big[2] == f"127.0.0.1:{origin.port}/bytes/{size}" and big[3] == "200"
+        assert int(big[1]) == record["id.orig_p"]
+        assert (int(big[4]), int(big[5])) == (record["orig_bytes"], record["resp_bytes"])
+        assert record["resp_bytes"] > size  # the body and the response head
+        assert record["orig_bytes"] > 0  # the request head
+
+        # two requests, one client connection, one upstream connection: one flow
+        rc, body, err = await curl(
+            "--fail", "-x", proxy_url, f"{origin.url}/hello", f"{origin.url}/bytes/5000"
+        )
+        assert rc == 0, err
+        assert body == b"hello GET /hello" + pattern(5000)
+        first, second = await line_matching(ACCESS_LINE), await line_matching(ACCESS_LINE)
+        _, kept = await records(2)
+        assert int(first[1]) == int(second[1]) == kept["id.orig_p"]
+        assert int(first[4]) + int(second[4]) == kept["orig_bytes"]
+        assert int(first[5]) + int(second[5]) == kept["resp_bytes"]
+        assert int(second[5]) > 5000 > int(first[5]) > 0
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 15)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert proc.returncode == 0
