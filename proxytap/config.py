@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from proxytap.errors import ConfigError
+from proxytap.export.channel import MIN_SNDBUF, OVERLOAD_POLICIES
 from proxytap.policy.acl import AccessConfig
 from proxytap.policy.auth import AuthConfig
 from proxytap.policy.headers import HttpConfig
@@ -167,19 +168,45 @@ class ExportConfig:
     format: str = "text"  # default format of served sockets: "text" or "binary"
     # per interface, e.g. {"tcp/http" = "binary"}
     formats: Mapping[str, str] = field(default_factory=dict)
-    reader_buffer: int = 4 << 20  # bytes buffered per connected reader before DATA is dropped
+    reader_buffer: int = 4 << 20  # bytes queued in proxytap per reader, beyond its socket buffer
+    reader_sndbuf: int = 4 << 20  # SO_SNDBUF of each reader socket (the kernel doubles it)
+    overload: str = "drop"  # a reader that is behind: "drop" DATA, or "wait" (lossless)
+    max_wait: float = 2.0  # "wait": seconds a flow may be paused for one reader per stall
+    on_gap: str = "skip"  # after a drop: "skip" (go on with a hole) or "cut" (COMPROMISED)
     loopback7: str | None = None  # connect to a running abstractor's loopback7 socket
+    loopback7_format: str = "text"  # "text" or "binary" (abstractor: loopback7 format binary)
     loopback7_buffer: int = 8 << 20
+    loopback7_sndbuf: int = 4 << 20
+    loopback7_overload: str = "drop"
+    loopback7_max_wait: float = 2.0
+    loopback7_on_gap: str = "skip"
     loopback7_vlan: bool = True  # add vlan=-1 after port2 (harmless, keeps VLAN builds happy)
+    classify_timeout: float = 0.5  # a flow no rule matched yet goes to "default" after this
     rules: tuple[Mapping[str, Any], ...] = ()  # extra / overriding classification rules
 
     def validate(self, key: str) -> None:
-        for name, fmt in (("format", self.format), *self.formats.items()):
+        for name, fmt in (
+            ("format", self.format),
+            ("loopback7_format", self.loopback7_format),
+            *self.formats.items(),
+        ):
             if fmt not in ("text", "binary"):
                 raise ConfigError(f"{key}.{name}", "must be text or binary")
         if not 0 <= self.sftap_mode <= 0o777:
             raise ConfigError(f"{key}.sftap_mode", "must be permission bits 0..0o777")
         for name in ("reader_buffer", "loopback7_buffer"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{key}.{name}", "must be > 0")
+        for name in ("reader_sndbuf", "loopback7_sndbuf"):
+            if getattr(self, name) < MIN_SNDBUF:
+                raise ConfigError(f"{key}.{name}", f"must be >= {MIN_SNDBUF} (128 KiB)")
+        for name in ("overload", "loopback7_overload"):
+            if getattr(self, name) not in OVERLOAD_POLICIES:
+                raise ConfigError(f"{key}.{name}", "must be drop or wait")
+        for name in ("on_gap", "loopback7_on_gap"):
+            if getattr(self, name) not in ("skip", "cut"):
+                raise ConfigError(f"{key}.{name}", "must be skip or cut")
+        for name in ("max_wait", "loopback7_max_wait", "classify_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{key}.{name}", "must be > 0")
 

@@ -8,11 +8,22 @@ seen so far in arrival order, and from then on every chunk as it comes, and
 finally one ``flow_destroyed``. Subscribers own their buffering and drop
 policy: the hub never waits for them, and an exception in one is logged,
 counted and does not reach the relay or the other subscribers.
+
+When the decision is made (spec section 3, as the original abstractor does
+it): as soon as both directions have data, on what has arrived so far, an
+unmatched flow going to ``default`` at once; when one direction reaches
+``classify_limit`` bytes; and, so that a quiet or one-sided flow of an
+unknown protocol reaches analyzers while it is live, ``classify_timeout``
+seconds after the flow opened, on whatever it has (one timer for all flows,
+a queue of deadlines in opening order); at the latest when it closes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
+import time
 from typing import TYPE_CHECKING, Protocol
 
 from proxytap.flows.table import DOWN, UP, CloseReason, Endpoint, Flow
@@ -38,22 +49,31 @@ class Subscriber(Protocol):
 class _Pending:
     """Per-flow state until the flow is classified."""
 
-    __slots__ = ("down", "events", "tried", "up")
+    __slots__ = ("down", "events", "up")
 
     def __init__(self) -> None:
         self.up = bytearray()
         self.down = bytearray()
         self.events: list[tuple[int, bytes, float]] = []
-        self.tried = (-1, -1)  # (len(up), len(down)) the rules last failed on
 
 
 _CLASSIFIED = object()
 
 
 class Hub:
-    def __init__(self, classifier: Classifier, *, classify_limit: int = 4096) -> None:
+    def __init__(
+        self,
+        classifier: Classifier,
+        *,
+        classify_limit: int = 4096,
+        classify_timeout: float = 0.5,
+    ) -> None:
         self.classifier = classifier
         self.limit = classify_limit
+        self.timeout = classify_timeout
+        self._deadlines: collections.deque[tuple[float, Flow, _Pending]] = collections.deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self.timed_out = 0  # flows decided by classify_timeout
         self.subscribers: list[Subscriber] = []
         self.subscriber_errors = 0
         self.classified: dict[str, int] = {}  # L7 class -> flows, for metrics
@@ -68,7 +88,29 @@ class Hub:
     # -- the tap, called by the relay --------------------------------------------
 
     def opened(self, flow: Flow) -> None:
-        flow.tap = _Pending()
+        state = _Pending()
+        flow.tap = state
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (pure tests): decided by bytes or close only
+            return
+        deadline = loop.time() + self.timeout
+        self._deadlines.append((deadline, flow, state))
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._expire, loop)
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Decide the flows whose ``classify_timeout`` has passed (on what they have)."""
+        self._timer = None
+        now = loop.time()
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, flow, state = deadlines.popleft()
+            if flow.tap is state:
+                self.timed_out += 1
+                self._classify(flow, state, True, time.time())
+        if deadlines:
+            self._timer = loop.call_at(deadlines[0][0], self._expire, loop)
 
     def data(self, flow: Flow, direction: int, data: bytes, now: float) -> None:
         state = flow.tap
@@ -86,8 +128,9 @@ class Hub:
         side = state.up if direction == UP else state.down
         if len(side) < limit:
             side += data[: limit - len(side)]
-        final = len(state.up) >= limit or len(state.down) >= limit
-        self._classify(flow, state, final, now)
+        up, down = state.up, state.down
+        final = (up and down) or len(up) >= limit or len(down) >= limit
+        self._classify(flow, state, bool(final), now)
 
     def closed(self, flow: Flow, reason: CloseReason, now: float) -> None:
         state = flow.tap
@@ -121,16 +164,11 @@ class Hub:
     # -----------------------------------------------------------------------------
 
     def _classify(self, flow: Flow, state: _Pending, final: bool, now: float) -> None:
-        seen = (len(state.up), len(state.down))
-        classifier = self.classifier
-        if seen == state.tried:  # the same bytes the rules just failed on: only the default
-            rule = classifier.tcp_default if final else None
-        else:
-            rule = classifier.tcp(
-                bytes(state.up), bytes(state.down), (flow.client[1], flow.server[1]), final
-            )
-            if rule is None and state.up and state.down:
-                state.tried = seen
+        if not final:
+            return  # one direction only, under the limit: the rules need both (or time)
+        rule = self.classifier.tcp(
+            bytes(state.up), bytes(state.down), (flow.client[1], flow.server[1]), final
+        )
         if rule is None:
             return
         flow.l7 = rule.name

@@ -1,39 +1,48 @@
 """Feed a running SF-TAP abstractor: write every inner flow into its ``loopback7`` socket.
 
 proxytap connects as a client to ``<home>/loopback7`` of an existing flow
-abstractor and writes each flow in the text format; the abstractor classifies
-it and hands it to its own analyzers. The abstractor's reader is fragile, so
-this writer follows spec section 4 to the letter:
+abstractor and writes each flow in the text (default) or binary format; the
+abstractor classifies it and hands it to its own analyzers. The abstractor's
+reader is fragile, so this writer follows spec section 4 to the letter:
 
 1. The key is normalized here (smaller endpoint is ``ip1``/``port1``).
 2. ``hop`` is the flow's own (0 for a flow the proxy saw first-hand; the
-   abstractor adds 1). ``vlan=-1`` follows ``port2`` unless ``vlan=False``.
-3. CREATED first, then DATA (``from=1|2``), then exactly one DESTROYED. A flow
-   whose CREATED did not go out on the current connection never gets DATA or
-   DESTROYED on it: after a reconnect, flows created before are not resumed,
-   because closing the connection made the abstractor destroy them.
+   abstractor adds 1). In text, ``vlan=-1`` follows ``port2`` unless
+   ``vlan=False``.
+3. CREATED first, then DATA (``from=1|2``), then exactly one DESTROYED.
 4. DATA has ``1 <= len <= 16384`` (larger chunks are split, empty ones are not
-   sent: a zero-length DATA wedges the abstractor's reader) and each header is
-   written together with its body in one ``transport.write``, since the
-   abstractor reads the body with a single ``read()``.
-5. UDP is DATA only, one event per datagram, never CREATED or DESTROYED (which
+   sent: a zero-length DATA wedges the abstractor's reader).
+5. **One message, one send** (4.5): the abstractor reads the header, then the
+   body with one ``read()``, and on a short read closes the connection and
+   ends every flow on it. Each message goes out in one ``sendmsg`` of its own,
+   whole, when the socket has room for all of it: ``proxytap.export.channel``
+   (a bounded queue of whole messages on a raw socket; no asyncio transport,
+   which would merge and split them).
+6. UDP is DATA only, one event per datagram, never CREATED or DESTROYED (which
    would crash the abstractor). A datagram over 16384 bytes is dropped rather
    than split (a split would read as two datagrams) and counted ``oversize``.
-6. When the socket is absent or the abstractor goes away, proxying goes on:
+7. When the socket is absent or the abstractor goes away, proxying goes on:
    events are counted as dropped and the writer reconnects with backoff
    (0.1 s doubling to 5 s; reset once a connection has lasted ``backoff_max``).
+8. **Reconnects re-announce live flows.** Closing the connection made the
+   abstractor destroy every flow created on it. On a new connection, every
+   flow still live (and every flow that started while there was none) gets
+   its CREATED again, with its original start time, and then its later DATA
+   and its DESTROYED, so the abstractor sees it end. What was sent while
+   there was no connection is lost (counted ``not_connected``).
 
-Nothing here awaits on the hub's path. The connection has a bounded buffer
-(``buffer_limit``, the transport's high-water mark): while it is full, DATA is
-dropped whole (``buffer_full``) and CREATED/DESTROYED still go out up to
-``control_headroom`` bytes beyond it; past that the connection is dropped
-(``overflow``), which makes the abstractor destroy its flows, and the writer
-reconnects. With ``on_gap="cut"`` a flow that lost DATA is ended at once with
-DESTROYED instead of continuing with a hole.
+Overload: ``overload="drop"`` (default) drops whole DATA events the
+abstractor has no room for (``buffer_full``); ``"wait"`` pauses the flow's
+relay while the abstractor is behind, at most ``max_wait`` per stall (then
+``max_wait`` drops). CREATED/DESTROYED still go out up to ``control_headroom``
+bytes beyond the queue; past that the connection is dropped (``overflow``),
+which makes the abstractor destroy its flows, and the writer reconnects. With
+``on_gap="cut"`` a flow that lost DATA is ended at once with DESTROYED
+``COMPROMISED`` instead of continuing with a hole.
 
-Drop reasons (``drops`` counts events, ``dropped_bytes`` their payload bytes):
-``not_connected`` (no connection, or the flow's connection went away),
-``buffer_full``, ``overflow``, ``oversize``.
+Drop reasons (``drops`` counts events, ``dropped_bytes`` their payload
+bytes): ``not_connected``, ``buffer_full``, ``max_wait``, ``overflow``,
+``oversize``.
 """
 
 from __future__ import annotations
@@ -41,19 +50,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, cast
+import socket
+from typing import TYPE_CHECKING
 
 from proxytap.errors import ConfigError
+from proxytap.export.channel import MIN_SNDBUF, OVERLOAD_POLICIES, Channel, Totals
 from proxytap.flows.table import UP, CloseReason, Endpoint, Flow
 from proxytap.proto.sftap import (
     LOOPBACK7_CHUNK,
     NO_VLAN,
     REASONS,
-    FlowKey,
-    data_head,
-    data_message,
-    encode_created,
-    encode_destroyed,
+    FlowHeaders,
     flow_key,
     split_payload,
 )
@@ -64,64 +71,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NOT_CONNECTED = "not_connected"
-BUFFER_FULL = "buffer_full"
-OVERFLOW = "overflow"
 OVERSIZE = "oversize"
+CUT = "cut"
 
 
-class _Link(asyncio.Protocol):
-    """One connection to the abstractor."""
+class _Live:
+    """A live TCP flow: its headers, its start, and the connection its CREATED went out on."""
 
-    def __init__(self, owner: Loopback7Writer) -> None:
-        self.owner = owner
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    __slots__ = ("cut", "flow", "gen", "headers")
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.owner._link_up(cast(asyncio.WriteTransport, transport), self)
-
-    def data_received(self, data: bytes) -> None:
-        pass  # the abstractor never writes on loopback7
-
-    def eof_received(self) -> bool | None:
-        return None  # the abstractor went away: close, reconnect
-
-    def pause_writing(self) -> None:
-        self.owner._paused = True
-
-    def resume_writing(self) -> None:
-        self.owner._paused = False
-        self.owner._over = 0
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.owner._link_down(exc)
-        if not self.lost.done():
-            self.lost.set_result(None)
-
-
-class _Sent:
-    """A flow whose CREATED went out on connection number ``gen``."""
-
-    __slots__ = ("down_head", "gen", "key", "up_head")
-
-    def __init__(self, key: FlowKey, client_is_1: bool, gen: int, vlan: int | None) -> None:
-        self.key = key
-        self.gen = gen
-        up_from, down_from = (1, 2) if client_is_1 else (2, 1)
-        self.up_head = data_head(key, up_from, "up", vlan=vlan)
-        self.down_head = data_head(key, down_from, "down", vlan=vlan)
-
-
-class _Lost:
-    """A flow none of whose events will go out, and why (for counting)."""
-
-    __slots__ = ("reason",)
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-
-_NOT_CONNECTED = _Lost(NOT_CONNECTED)
-_BUFFER_FULL = _Lost(BUFFER_FULL)
+    def __init__(self, flow: Flow, headers: FlowHeaders) -> None:
+        self.flow = flow
+        self.headers = headers
+        self.gen = 0  # connection number its CREATED went out on; 0: none yet
+        self.cut = False  # ended for the abstractor after lost DATA (on_gap="cut")
 
 
 class Loopback7Writer:
@@ -130,7 +93,8 @@ class Loopback7Writer:
     Stats: ``link_up``, ``connects``, ``reconnects`` (connections after the
     first), ``connect_failures``, ``last_error``, ``events_sent``,
     ``bytes_sent``, ``drops`` and ``dropped_bytes`` by reason, ``buffered``,
-    ``flows`` (flows live on the current connection).
+    ``flows`` (flows live on the current connection), ``reannounced``,
+    ``wait_seconds``, ``partial_sends``, ``sndbuf`` (the kernel's send buffer).
     """
 
     name: str
@@ -140,62 +104,86 @@ class Loopback7Writer:
         path: str,
         *,
         name: str = "loopback7",
+        format: str = "text",
         vlan: bool = True,
         buffer_limit: int = 8 << 20,
         control_headroom: int = 1 << 20,
+        sndbuf: int = 4 << 20,
+        overload: str = "drop",
+        max_wait: float = 2.0,
         backoff_initial: float = 0.1,
         backoff_max: float = 5.0,
         chunk: int = LOOPBACK7_CHUNK,
         on_gap: str = "skip",
         close_timeout: float = 1.0,
     ) -> None:
+        if format not in ("text", "binary"):
+            raise ConfigError("export.loopback7_format", f"must be text or binary, not {format!r}")
         if not 1 <= chunk <= LOOPBACK7_CHUNK:
             raise ConfigError("export.loopback7_chunk", f"must be 1..{LOOPBACK7_CHUNK}")
         if buffer_limit <= 0 or control_headroom <= 0:
             raise ConfigError("export.loopback7_buffer", "must be > 0")
+        if sndbuf < MIN_SNDBUF:
+            raise ConfigError("export.loopback7_sndbuf", f"must be >= {MIN_SNDBUF}")
+        if overload not in OVERLOAD_POLICIES:
+            raise ConfigError(
+                "export.loopback7_overload", f"must be drop or wait, not {overload!r}"
+            )
         if on_gap not in ("skip", "cut"):
-            raise ConfigError("export.on_gap", f"must be skip or cut, not {on_gap!r}")
+            raise ConfigError("export.loopback7_on_gap", f"must be skip or cut, not {on_gap!r}")
         if not 0 < backoff_initial <= backoff_max:
             raise ConfigError("export.loopback7_backoff", "need 0 < initial <= max")
         self.name = name
         self.path = path
-        self.vlan: int | None = NO_VLAN if vlan else None
+        self.binary = format == "binary"
+        self.vlan: int | None = NO_VLAN if vlan and not self.binary else None
         self.buffer_limit = buffer_limit
         self.control_headroom = control_headroom
+        self.sndbuf = sndbuf
+        self.overload = overload
+        self.max_wait = max_wait
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.chunk = chunk
         self.cut = on_gap == "cut"
         self.close_timeout = close_timeout
-        self._transport: asyncio.WriteTransport | None = None
-        self._link: _Link | None = None
-        self._paused = False
-        self._over = 0
+        self._channel: Channel | None = None
+        self._lost: asyncio.Future[None] | None = None
         self._gen = 0  # connection number; 0 = never connected
-        self._flows: dict[int, _Sent | _Lost] = {}
+        self._flows: dict[int, _Live] = {}  # live TCP flows
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._done = Totals()  # counters of connections that have closed
         self.connects = 0
         self.connect_failures = 0
         self.last_error: str | None = None
-        self.events_sent = 0
-        self.bytes_sent = 0
+        self.reannounced = 0  # CREATED sent again for live flows after a reconnect
+        self.effective_sndbuf = 0
         # CREATED / DESTROYED events written; DATA = events_sent - both
         self.created_sent = 0
         self.destroyed_sent = 0
-        self.drops: dict[str, int] = {}
-        self.dropped_bytes: dict[str, int] = {}
+        self._drops: dict[str, int] = {}
+        self._dropped_bytes: dict[str, int] = {}
 
     @classmethod
     def from_config(cls, exp: ExportConfig) -> Loopback7Writer:
         assert exp.loopback7 is not None
-        return cls(exp.loopback7, vlan=exp.loopback7_vlan, buffer_limit=exp.loopback7_buffer)
+        return cls(
+            exp.loopback7,
+            format=exp.loopback7_format,
+            vlan=exp.loopback7_vlan,
+            buffer_limit=exp.loopback7_buffer,
+            sndbuf=exp.loopback7_sndbuf,
+            overload=exp.loopback7_overload,
+            max_wait=exp.loopback7_max_wait,
+            on_gap=exp.loopback7_on_gap,
+        )
 
     # -- stats ---------------------------------------------------------------------
 
     @property
     def link_up(self) -> bool:
-        return self._transport is not None
+        return self._channel is not None
 
     @property
     def reconnects(self) -> int:
@@ -203,18 +191,50 @@ class Loopback7Writer:
 
     @property
     def buffered(self) -> int:
-        t = self._transport
-        return 0 if t is None else t.get_write_buffer_size()
+        ch = self._channel
+        return 0 if ch is None else ch.queued
 
     @property
     def flows(self) -> int:
         gen = self._gen
-        return sum(1 for f in self._flows.values() if isinstance(f, _Sent) and f.gen == gen)
+        return sum(1 for f in self._flows.values() if f.gen == gen and not f.cut)
+
+    def _totals(self) -> Totals:
+        t = self._done.copy()
+        if self._channel is not None:
+            t.add(self._channel)
+        return t
+
+    @property
+    def events_sent(self) -> int:
+        return self._totals().events_sent
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._totals().bytes_sent
+
+    @property
+    def partial_sends(self) -> int:
+        return self._totals().partial_sends
+
+    @property
+    def wait_seconds(self) -> float:
+        ch = self._channel
+        now = asyncio.get_running_loop().time() if ch is not None else 0.0
+        return self._done.waited + (ch.waited(now) if ch is not None else 0.0)
+
+    @property
+    def drops(self) -> dict[str, int]:
+        return _merged(self._drops, self._totals().drops)
+
+    @property
+    def dropped_bytes(self) -> dict[str, int]:
+        return _merged(self._dropped_bytes, self._totals().dropped_bytes)
 
     def _drop(self, reason: str, payload: int) -> None:
-        self.drops[reason] = self.drops.get(reason, 0) + 1
+        self._drops[reason] = self._drops.get(reason, 0) + 1
         if payload:
-            self.dropped_bytes[reason] = self.dropped_bytes.get(reason, 0) + payload
+            self._dropped_bytes[reason] = self._dropped_bytes.get(reason, 0) + payload
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -224,29 +244,29 @@ class Loopback7Writer:
         self._task = asyncio.create_task(self._run(), name=f"{self.name}-connect")
 
     async def stop(self) -> None:
-        """Stop reconnecting and close the connection (flushing for ``close_timeout``)."""
+        """Stop reconnecting and close the connection (sending what is queued, briefly)."""
         self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        link, transport = self._link, self._transport
-        if transport is not None and link is not None:
-            transport.close()  # flushes what is buffered, then closes
-            await asyncio.wait([link.lost], timeout=self.close_timeout)
-            if not link.lost.done():
-                transport.abort()
-                await asyncio.wait([link.lost], timeout=self.close_timeout)
+        ch = self._channel
+        if ch is not None:
+            await ch.drain(self.close_timeout)
+            ch.close()
         self._flows.clear()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         delay = self.backoff_initial
         while not self._stopping:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
             try:
-                _, link = await loop.create_unix_connection(lambda: _Link(self), self.path)
+                await loop.sock_connect(sock, self.path)
             except OSError as exc:
+                sock.close()
                 self.connect_failures += 1
                 if self.last_error != str(exc):
                     log.warning("loopback7: cannot connect to %s: %s", self.path, exc)
@@ -254,137 +274,137 @@ class Loopback7Writer:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.backoff_max)
                 continue
+            except BaseException:
+                sock.close()
+                raise
+            lost = self._link_up(sock)
             started = loop.time()
-            await asyncio.shield(link.lost)  # stop() still waits on it after cancelling us
+            await asyncio.shield(lost)  # stop() closes the channel itself after cancelling us
             if loop.time() - started >= self.backoff_max:
                 delay = self.backoff_initial
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.backoff_max)
 
-    def _link_up(self, transport: asyncio.WriteTransport, link: _Link) -> None:
-        transport.set_write_buffer_limits(high=self.buffer_limit, low=self.buffer_limit // 2)
-        self._transport = transport
-        self._link = link
-        self._paused = False
-        self._over = 0
+    def _link_up(self, sock: socket.socket) -> asyncio.Future[None]:
+        lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._lost = lost
+        ch = Channel(
+            sock,
+            name="loopback7",
+            limit=self.buffer_limit,
+            headroom=self.control_headroom,
+            overload=self.overload,
+            max_wait=self.max_wait,
+            sndbuf=self.sndbuf,
+            on_closed=self._link_down,
+        )
+        self._channel = ch
         self._gen += 1
         self.connects += 1
         self.last_error = None
-        # Flows of earlier connections are gone on the abstractor's side.
-        for fid, st in self._flows.items():
-            if isinstance(st, _Sent):
-                self._flows[fid] = _NOT_CONNECTED
+        if ch.sndbuf != self.effective_sndbuf:
+            self.effective_sndbuf = ch.sndbuf
+            capped = " (capped by net.core.wmem_max)" if ch.sndbuf < self.sndbuf else ""
+            log.info("loopback7: kernel send buffer %d bytes%s", ch.sndbuf, capped)
         log.info("loopback7: connected to %s (connection %d)", self.path, self.connects)
+        self._reannounce(ch)
+        return lost
 
-    def _link_down(self, exc: Exception | None) -> None:
-        self._transport = None
-        self._link = None
+    def _reannounce(self, ch: Channel) -> None:
+        """The new connection knows no flow: announce every live one again (item 8)."""
+        again = 0
+        for live in self._flows.values():
+            if live.cut:
+                continue
+            if not ch.control(live.headers.created(live.flow.start)):
+                break  # overflowed: this connection is gone too; the next one tries again
+            if live.gen:
+                again += 1
+            live.gen = self._gen
+            self.created_sent += 1
+        if again:
+            self.reannounced += again
+            log.info("loopback7: announced %d live flows again on the new connection", again)
+
+    def _link_down(self, ch: Channel, why: str | None) -> None:
+        if self._channel is ch:
+            self._channel = None
+        self._done.add(ch)
         if not self._stopping:
-            log.warning("loopback7: lost %s (%s); reconnecting", self.path, exc or "closed")
-        if exc is not None:
-            self.last_error = str(exc)
-
-    # -- writing ---------------------------------------------------------------------
-
-    def _control(self, msg: bytes) -> bool:
-        """Write CREATED/DESTROYED, past the buffer limit up to the headroom."""
-        t = self._transport
-        if t is None or t.is_closing():
-            return False
-        if self._paused:
-            self._over += len(msg)
-            if self._over > self.control_headroom:
-                self._drop(OVERFLOW, 0)
-                log.warning("loopback7: abstractor is not reading; dropping the connection")
-                t.abort()
-                self._transport = None
-                return False
-        t.write(msg)
-        self.events_sent += 1
-        self.bytes_sent += len(msg)
-        return True
+            log.warning("loopback7: lost %s (%s); reconnecting", self.path, why or "closed")
+        if why is not None:
+            self.last_error = why
+        lost = self._lost
+        if lost is not None and not lost.done():
+            lost.set_result(None)
 
     # -- the hub's calls (hot path) ---------------------------------------------------
 
     def flow_created(self, flow: Flow, now: float) -> None:
-        if self._transport is None:
-            self._flows[flow.id] = _NOT_CONNECTED
-            self._drop(NOT_CONNECTED, 0)
-            return
+        if flow.l4 != "tcp":
+            return  # UDP: DATA only, never CREATED (spec 4.6); see ``datagram``
         key, client_is_1 = flow_key(flow.client, flow.server, flow.l4, flow.hop)
-        if flow.l4 != "tcp":  # UDP: DATA only, never CREATED (spec 4.5)
-            self._flows[flow.id] = _Sent(key, client_is_1, self._gen, self.vlan)
-            return
-        if self._control(encode_created(key, flow.start, vlan=self.vlan)):
+        live = _Live(flow, FlowHeaders(key, client_is_1, binary=self.binary, vlan=self.vlan))
+        self._flows[flow.id] = live
+        ch = self._channel
+        if ch is None:
+            self._drop(NOT_CONNECTED, 0)
+        elif ch.control(live.headers.created(flow.start)):
+            live.gen = self._gen
             self.created_sent += 1
-            self._flows[flow.id] = _Sent(key, client_is_1, self._gen, self.vlan)
-        else:
-            lost = _NOT_CONNECTED if self._transport is None else _BUFFER_FULL
-            self._flows[flow.id] = lost
-            self._drop(lost.reason, 0)
 
     def flow_data(self, flow: Flow, direction: int, data: bytes, now: float) -> None:
         n = len(data)
         if not n:
             return
-        st = self._flows.get(flow.id)
-        if st is None:
+        live = self._flows.get(flow.id)
+        if live is None or live.cut:
             return
-        if isinstance(st, _Lost):
-            self._drop(st.reason, n)
-            return
-        if st.gen != self._gen or self._transport is None:
-            self._flows[flow.id] = _NOT_CONNECTED
+        ch = self._channel
+        if ch is None or live.gen != self._gen:
             self._drop(NOT_CONNECTED, n)
             return
+        up = direction == UP
         if n <= self.chunk:
-            self._data(flow, st, direction, data, now)
-            return
-        if flow.l4 != "tcp":  # a datagram is never split
-            self._drop(OVERSIZE, n)
+            self._data(ch, live, up, data, now)
             return
         pieces = split_payload(data, self.chunk)
         for i, piece in enumerate(pieces):
-            self._data(flow, st, direction, piece, now)
-            now_st = self._flows.get(flow.id)
-            if now_st is not st:  # connection gone or flow cut: count the rest, send nothing
-                reason = now_st.reason if isinstance(now_st, _Lost) else NOT_CONNECTED
+            if not self._data(ch, live, up, piece, now):
+                reason = NOT_CONNECTED if ch.closed else CUT
                 for rest in pieces[i + 1 :]:
                     self._drop(reason, len(rest))
                 return
 
     def _data(
-        self, flow: Flow, st: _Sent, direction: int, body: bytes | memoryview, now: float
+        self, ch: Channel, live: _Live, up: bool, body: bytes | memoryview, now: float
     ) -> bool:
-        t = self._transport
-        if t is None or t.is_closing():
-            self._drop(NOT_CONNECTED, len(body))
-            self._flows[flow.id] = _NOT_CONNECTED
+        """One DATA event; False when the rest of this chunk cannot follow."""
+        n = len(body)
+        head = live.headers.data(up, n, now)
+        if ch.data(live.flow, (head, body), len(head) + n):
+            return True
+        if ch.closed:
             return False
-        if self._paused:
-            self._drop(BUFFER_FULL, len(body))
-            if self.cut and flow.l4 == "tcp":
-                self._flows[flow.id] = _BUFFER_FULL
-                if self._control(encode_destroyed(st.key, "COMPROMISED", now, vlan=self.vlan)):
-                    self.destroyed_sent += 1
+        if self.cut:
+            live.cut = True
+            ch.forget(live.flow)
+            if ch.control(live.headers.destroyed("COMPROMISED", now)):
+                self.destroyed_sent += 1
             return False
-        msg = data_message(st.up_head if direction == UP else st.down_head, body, now)
-        t.write(msg)  # header and body in one write (spec 4.4)
-        self.events_sent += 1
-        self.bytes_sent += len(msg)
-        return True
+        return True  # skipped: a hole, framing intact
 
     def flow_destroyed(self, flow: Flow, reason: CloseReason, now: float) -> None:
-        st = self._flows.pop(flow.id, None)
-        if not isinstance(st, _Sent) or flow.l4 != "tcp":
+        live = self._flows.pop(flow.id, None)
+        if live is None or live.cut:
             return
-        if st.gen != self._gen or self._transport is None:
+        ch = self._channel
+        if ch is None or live.gen != self._gen:
             self._drop(NOT_CONNECTED, 0)
             return
-        if self._control(encode_destroyed(st.key, REASONS[reason], now, vlan=self.vlan)):
+        ch.forget(flow)
+        if ch.control(live.headers.destroyed(REASONS[reason], now)):
             self.destroyed_sent += 1
-        else:
-            self._drop(NOT_CONNECTED if self._transport is None else OVERFLOW, 0)
 
     def datagram(
         self, src: Endpoint, dst: Endpoint, data: bytes, now: float, *, hop: int = 0
@@ -393,21 +413,24 @@ class Loopback7Writer:
         n = len(data)
         if not n:
             return
-        t = self._transport
-        if t is None or t.is_closing():
+        ch = self._channel
+        if ch is None:
             self._drop(NOT_CONNECTED, n)
             return
         if n > self.chunk:
             self._drop(OVERSIZE, n)
             return
-        if self._paused:
-            self._drop(BUFFER_FULL, n)
-            return
         key, src_is_1 = flow_key(src, dst, "udp", hop)
-        msg = data_message(data_head(key, 1 if src_is_1 else 2, "none", vlan=self.vlan), data, now)
-        t.write(msg)
-        self.events_sent += 1
-        self.bytes_sent += len(msg)
+        headers = FlowHeaders(key, src_is_1, binary=self.binary, tcp=False, vlan=self.vlan)
+        head = headers.data(True, n, now)
+        ch.data_nowait((head, data), len(head) + n)
+
+
+def _merged(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = out.get(k, 0) + v
+    return out
 
 
 __all__ = ["Loopback7Writer"]

@@ -4,7 +4,8 @@ Under ``home``, one AF_UNIX stream listener per classification rule and
 balance slot: ``<home>/tcp/<name>`` and ``<home>/udp/<name>`` (spec section 3).
 The hub calls ``flow_created`` / ``flow_data`` / ``flow_destroyed``
 synchronously from the relay's hot path; everything here is a dict lookup, a
-header format and ``transport.write`` per connected reader. Nothing awaits.
+header format and one ``sendmsg`` (or a queue append) per connected reader.
+Nothing awaits.
 
 Protocol decisions:
 
@@ -18,26 +19,29 @@ Protocol decisions:
   whose CREATED it did not get. With no reader on the socket when the flow is
   created, the flow is not tracked at all and costs one dict miss per chunk
   (no key, no header, no encoding).
-* **Never wait for a reader.** Each reader has a bounded buffer
-  (``reader_buffer``, the transport's high-water mark; asyncio calls
-  ``pause_writing`` past it). While paused, DATA to that reader is dropped whole
-  (header and body together, so framing stays intact) and counted as
-  ``buffer_full``; the original drops a chunk after a 1 s send timeout.
-  CREATED and DESTROYED are still written, up to ``control_headroom`` bytes
-  beyond the buffer; a reader that needs more is disconnected (``overflow``).
-  With ``on_gap="cut"``, the first DATA drop instead ends that flow for that
-  reader at once with ``DESTROYED reason=COMPROMISED`` (the reason the original
-  uses for a reassembly overflow), so the analyzer sees a short stream rather
-  than one with a hole; the default ``"skip"`` keeps the original's behaviour.
+* **Whole messages** (spec section 3, "message integrity"): every event
+  goes to each reader in one ``sendmsg`` of its own, only when the reader's
+  socket has room for all of it, through a ``Channel``
+  (``proxytap.export.channel``): a bounded queue of whole messages per
+  reader on a raw socket, never an asyncio transport (which coalesces and
+  splits). Each reader socket gets ``sndbuf`` bytes of kernel send buffer
+  (SO_SNDBUF; the Linux default of 208 KiB loses most of a fast flow even to
+  a fast reader).
+* **Overload** per the ``overload`` policy: ``drop`` (default) never slows the
+  proxied traffic: DATA a reader has no room for is dropped whole (header and
+  body, so framing stays intact) and counted as ``buffer_full``; the original
+  drops a chunk after a 1 s send timeout. ``wait`` is lossless: the flow's
+  relay stops reading both sides while a reader is behind on it, for at most
+  ``max_wait`` seconds per stall (then ``max_wait`` drops, counted, until the
+  reader catches up). CREATED and DESTROYED are still queued, up to
+  ``control_headroom`` bytes beyond the buffer; a reader that needs more is
+  disconnected (``overflow``). With ``on_gap="cut"``, the first DATA drop
+  instead ends that flow for that reader at once with ``DESTROYED
+  reason=COMPROMISED`` (the reason the original uses for a reassembly
+  overflow), so the analyzer sees a short stream rather than one with a
+  hole; the default ``"skip"`` keeps the original's behaviour.
 * **Chunks** are at most 65535 bytes (the binary ``len`` field). An empty
   chunk is not sent.
-* **One write per reader per loop iteration.** Events are queued on the
-  reader (references to the relay's bytes, never copies) and handed to its
-  transport in one ``writelines`` (one ``writev``) when the event loop comes
-  round again, after the I/O it was handling: a busy proxy pays one system
-  call per reader per iteration, not one per event, and the reader wakes once.
-  A queue reaching 256 KiB is written at once, so a burst meets the
-  transport's bound (and ``pause_writing``) as before.
 * ``from`` is 1 when the sender is (ip1, port1); ``match`` is ``up`` for client
   to server and ``down`` for server to client on TCP (a proxy always knows the
   client); UDP datagrams carry ``match=up`` when a regex rule matched them and
@@ -50,7 +54,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import logging
 import os
 import socket
@@ -58,24 +61,28 @@ import stat
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from proxytap.errors import ConfigError
+from proxytap.export.channel import (
+    MIN_SNDBUF,
+    OVERFLOW,
+    OVERLOAD_POLICIES,
+    Channel,
+    Totals,
+    size_sndbuf,
+)
 from proxytap.flows.table import UP, CloseReason, Endpoint, Flow
 from proxytap.proto.classify import DEFAULT, Classifier, interfaces
 from proxytap.proto.sftap import (
     REASONS,
     SERVED_CHUNK,
-    FlowKey,
+    FlowHeaders,
     data_head,
     data_line,
-    encode_created,
-    encode_destroyed,
     flow_hash,
     flow_key,
-    pack_created,
     pack_data,
-    pack_destroyed,
     split_payload,
 )
 
@@ -86,10 +93,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("text", "binary")
 GAP_POLICIES = ("skip", "cut")
-BUFFER_FULL = "buffer_full"
-OVERFLOW = "overflow"
 CUT = "cut"
-FLUSH_AT = 256 << 10  # queued bytes that are written at once rather than next iteration
 
 
 class Interface:
@@ -103,182 +107,111 @@ class Interface:
         self.format = fmt
         self.binary = fmt == "binary"
         self.readers: list[Reader] = []
-        self.server: asyncio.Server | None = None
+        self.server: socket.socket | None = None  # the listening socket
         self.inode: tuple[int, int] | None = None
 
 
-class Reader(asyncio.Protocol):
-    """One connected analyzer; its counters are the per-reader stats.
+class Reader:
+    """One connected analyzer: its ``Channel`` and what it was sent; its counters are the stats.
 
-    ``drops`` counts dropped events by reason (``buffer_full``, ``overflow``,
-    ``cut``), ``bytes_dropped`` the DATA payload bytes they carried.
+    ``drops`` counts dropped events by reason (``buffer_full``, ``max_wait``,
+    ``overflow``, ``cut``), ``bytes_dropped`` the DATA payload bytes they carried.
     """
 
-    def __init__(self, owner: SftapServer, iface: Interface) -> None:
+    def __init__(self, owner: SftapServer, iface: Interface, sock: socket.socket) -> None:
         self.owner = owner
         self.interface = iface.name
         self._iface = iface
-        self._limit = owner.reader_buffer
-        self._headroom = owner.control_headroom
-        self.transport: asyncio.WriteTransport | None = None
-        self.connected_at = 0.0
-        self.closed = False
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.paused = False
-        self._over = 0  # control bytes written while paused
-        self._out: list[bytes | memoryview] = []  # queued until the next flush
-        self._queued = 0  # bytes in _out
-        self._dirty = False  # on the owner's flush list
-        self.flows = 0  # flows this reader got CREATED for and not yet DESTROYED
-        self.events_sent = 0
-        self.bytes_sent = 0
-        self.bytes_dropped = 0
-        self.drops: dict[str, int] = {}
-        self.dropped_bytes: dict[str, int] = {}  # payload bytes by drop reason
-
-    # -- asyncio callbacks -----------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport = cast(asyncio.WriteTransport, transport)
         self.connected_at = time.time()
-        transport.set_write_buffer_limits(high=self._limit, low=self._limit // 2)
-        self._iface.readers.append(self)
-        self.owner.readers_accepted += 1
-        log.info("sftap: reader connected on %s", self.interface)
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.flows = 0  # flows this reader got CREATED for and not yet DESTROYED
+        self.channel = Channel(
+            sock,
+            name=f"sftap {iface.name}",
+            limit=owner.reader_buffer,
+            headroom=owner.control_headroom,
+            overload=owner.overload,
+            max_wait=owner.max_wait,
+            sndbuf=owner.sndbuf,
+            on_closed=self._closed,
+        )
+        self.cut_events = 0
 
-    def data_received(self, data: bytes) -> None:
-        pass  # analyzers have nothing to say; read and discard
-
-    def eof_received(self) -> bool:
-        return False  # the reader is gone (the original closes on read() == 0 too)
-
-    def pause_writing(self) -> None:
-        self.paused = True
-
-    def resume_writing(self) -> None:
-        self.paused = False
-        self._over = 0
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._out = []
-        self._queued = 0
+    def _closed(self, channel: Channel, why: str | None) -> None:
         if not self.lost.done():
             self.lost.set_result(None)
         if self in self._iface.readers:
             self._iface.readers.remove(self)
+        if why == OVERFLOW:
+            self.owner.readers_overflowed += 1
         self.owner._retire(self)
-        log.info("sftap: reader left %s (%s)", self.interface, exc or "closed")
+        log.info("sftap: reader left %s (%s)", self.interface, why or "closed")
 
-    # -- called by the server --------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self.channel.closed
+
+    @property
+    def paused(self) -> bool:
+        """Behind: messages wait in proxytap for room in the reader's socket."""
+        return self.channel.queued > 0
 
     @property
     def buffered(self) -> int:
-        """Bytes waiting in the transport for this reader."""
-        t = self.transport
-        return 0 if t is None or self.closed else t.get_write_buffer_size() + self._queued
+        """Bytes waiting in proxytap for this reader (the kernel buffer not counted)."""
+        return 0 if self.channel.closed else self.channel.queued
 
-    def _drop(self, reason: str, payload: int) -> None:
-        self.drops[reason] = self.drops.get(reason, 0) + 1
-        self.bytes_dropped += payload
-        if payload:
-            self.dropped_bytes[reason] = self.dropped_bytes.get(reason, 0) + payload
+    @property
+    def unread(self) -> int:
+        """Bytes in the reader's kernel socket buffer, sent but not yet read (with overhead)."""
+        return self.channel.in_kernel()
 
-    def send_data(self, head: bytes, body: bytes | memoryview) -> bool:
-        """Queue one DATA event unless the reader is gone or its buffer is full.
+    @property
+    def events_sent(self) -> int:
+        return self.channel.events_sent
 
-        Header and body stay together (a drop takes both, so framing holds),
-        and the body is never copied: every reader shares the relay's bytes.
-        """
-        if self.closed:
-            return False
-        n = len(body)
-        if self.paused:
-            self._drop(BUFFER_FULL, n)
-            return False
-        n += len(head)
-        out = self._out
-        out.append(head)
-        out.append(body)
-        self._queued += n
-        self.events_sent += 1
-        self.bytes_sent += n
-        if self._queued >= FLUSH_AT:
-            self.flush()  # a burst: let the transport take it (and pause us) now
-        elif not self._dirty:
-            self._dirty = True
-            self.owner._mark(self)
-        return True
+    @property
+    def bytes_sent(self) -> int:
+        return self.channel.bytes_sent
 
-    def send_control(self, msg: bytes) -> bool:
-        """Queue a CREATED or DESTROYED even when the buffer is full, up to the headroom."""
-        t = self.transport
-        if self.closed or t is None:
-            return False
-        if self.paused:
-            self._over += len(msg)
-            if self._over > self._headroom:
-                self._drop(OVERFLOW, 0)
-                self.owner.readers_overflowed += 1
-                log.warning("sftap: reader on %s cannot keep up; disconnecting it", self.interface)
-                self.closed = True
-                self._out = []
-                self._queued = 0
-                t.abort()
-                return False
-        self._out.append(msg)
-        self._queued += len(msg)
-        self.events_sent += 1
-        self.bytes_sent += len(msg)
-        if not self._dirty:
-            self._dirty = True
-            self.owner._mark(self)
-        return True
+    @property
+    def drops(self) -> dict[str, int]:
+        return self.channel.drops
 
-    def flush(self) -> None:
-        """Hand the queued events to the transport (one ``writev`` when the socket takes them)."""
-        out = self._out
-        if not out:
-            return
-        self._out = []
-        self._queued = 0
-        t = self.transport
-        if self.closed or t is None or t.is_closing():
-            return
-        t.writelines(out)
+    @property
+    def dropped_bytes(self) -> dict[str, int]:
+        return self.channel.dropped_bytes
+
+    @property
+    def bytes_dropped(self) -> int:
+        return sum(self.channel.dropped_bytes.values())
+
+    def close(self) -> None:
+        self.channel.close()
 
 
 class _Flow:
     """What the server keeps per exported flow (computed once, at CREATED)."""
 
-    __slots__ = ("binary", "down_from", "down_head", "key", "readers", "tcp", "up_from", "up_head")
+    __slots__ = ("headers", "readers", "tcp")
 
-    def __init__(
-        self, key: FlowKey, client_is_1: bool, binary: bool, readers: list[Reader], tcp: bool
-    ) -> None:
-        self.key = key
-        self.binary = binary
+    def __init__(self, headers: FlowHeaders, readers: list[Reader], tcp: bool) -> None:
+        self.headers = headers
         self.readers = readers
         self.tcp = tcp
-        self.up_from = 1 if client_is_1 else 2
-        self.down_from = 2 if client_is_1 else 1
-        if tcp:
-            up_match, down_match = "up", "down"
-        else:
-            up_match = down_match = "none"
-        self.up_head = data_head(key, self.up_from, up_match)
-        self.down_head = data_head(key, self.down_from, down_match)
 
 
 class SftapServer:
     """A hub subscriber serving ``<home>/tcp/<name>`` and ``<home>/udp/<name>``.
 
     ``formats`` maps ``"tcp/http"`` (or a balanced ``"tcp/http0"``) to "text"
-    or "binary"; others use ``default_format``. ``reader_buffer`` bounds each
-    reader's transport buffer, ``control_headroom`` the CREATED/DESTROYED bytes
-    allowed beyond it. ``socket_mode`` is applied to each socket before it
-    listens. Totals (``events_sent``, ``bytes_sent``, ``bytes_dropped``,
-    ``drops``) include readers that have left.
+    or "binary"; others use ``default_format``. ``reader_buffer`` bounds the
+    messages queued in proxytap per reader, ``control_headroom`` the
+    CREATED/DESTROYED bytes allowed beyond it, ``sndbuf`` each reader socket's
+    kernel send buffer. ``overload`` is ``drop`` or ``wait`` (``max_wait``
+    seconds at most per stall). ``socket_mode`` is applied to each socket
+    before it listens. Totals (``events_sent``, ``bytes_sent``,
+    ``bytes_dropped``, ``drops``) include readers that have left.
     """
 
     name: str
@@ -294,6 +227,9 @@ class SftapServer:
         socket_mode: int = 0o660,
         reader_buffer: int = 4 << 20,
         control_headroom: int = 1 << 20,
+        sndbuf: int = 4 << 20,
+        overload: str = "drop",
+        max_wait: float = 2.0,
         chunk: int = SERVED_CHUNK,
         on_gap: str = "skip",
         close_timeout: float = 1.0,
@@ -302,16 +238,25 @@ class SftapServer:
             raise ConfigError("export.format", f"must be text or binary, not {default_format!r}")
         if on_gap not in GAP_POLICIES:
             raise ConfigError("export.on_gap", f"must be skip or cut, not {on_gap!r}")
+        if overload not in OVERLOAD_POLICIES:
+            raise ConfigError("export.overload", f"must be drop or wait, not {overload!r}")
         if not 1 <= chunk <= SERVED_CHUNK:
             raise ConfigError("export.chunk", f"must be 1..{SERVED_CHUNK}")
         if reader_buffer <= 0 or control_headroom <= 0:
             raise ConfigError("export.reader_buffer", "must be > 0")
+        if sndbuf < MIN_SNDBUF:
+            raise ConfigError("export.reader_sndbuf", f"must be >= {MIN_SNDBUF}")
+        if max_wait <= 0:
+            raise ConfigError("export.max_wait", "must be > 0")
         self.name = name
         self.home = Path(home)
         self.classifier = classifier
         self.socket_mode = socket_mode
         self.reader_buffer = reader_buffer
         self.control_headroom = control_headroom
+        self.sndbuf = sndbuf
+        self.overload = overload
+        self.max_wait = max_wait
         self.chunk = chunk
         self.cut = on_gap == "cut"
         self.close_timeout = close_timeout
@@ -336,8 +281,8 @@ class SftapServer:
         for full in sorted(formats.keys() - known):
             raise ConfigError(f"export.formats.{full}", "no such flow socket")
         self._flows: dict[int, _Flow] = {}
-        self._dirty: list[Reader] = []  # readers with queued events
-        self._retired: list[Reader] = []
+        self._retired = Totals()
+        self.effective_sndbuf = 0  # what the kernel gave the last reader socket
         self.readers_accepted = 0
         self.readers_overflowed = 0
         self.flows_exported = 0
@@ -356,6 +301,10 @@ class SftapServer:
             formats=exp.formats,
             socket_mode=exp.sftap_mode,
             reader_buffer=exp.reader_buffer,
+            sndbuf=exp.reader_sndbuf,
+            overload=exp.overload,
+            max_wait=exp.max_wait,
+            on_gap=exp.on_gap,
         )
 
     # -- lifecycle ------------------------------------------------------------------
@@ -368,13 +317,49 @@ class SftapServer:
                 (self.home / sub).mkdir(mode=0o770, parents=True, exist_ok=True)
             for iface in self.interfaces.values():
                 sock = self._bind(iface)
-                iface.server = await loop.create_unix_server(
-                    functools.partial(Reader, self, iface), sock=sock, backlog=128
-                )
+                iface.server = sock
+                sock.listen(128)
+                loop.add_reader(sock.fileno(), self._accept, iface)
                 log.info("sftap: serving %s (%s)", iface.path, iface.format)
         except BaseException:
             await self.stop()
             raise
+        self._probe_sndbuf()
+
+    def _probe_sndbuf(self) -> None:
+        """Say once what send buffer readers get; warn when the kernel caps it."""
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with a, b:
+            got = size_sndbuf(a, self.sndbuf)
+        self.effective_sndbuf = got
+        if got < self.sndbuf:
+            log.warning(
+                "sftap: reader sockets get a %d-byte send buffer, not the %d configured "
+                "(export.reader_sndbuf): net.core.wmem_max caps it; raise that sysctl "
+                "or give proxytap CAP_NET_ADMIN, or fast flows lose export data",
+                got,
+                self.sndbuf,
+            )
+        else:
+            log.info("sftap: reader sockets get a %d-byte kernel send buffer", got)
+
+    def _accept(self, iface: Interface) -> None:
+        lsock = iface.server
+        if lsock is None:
+            return
+        for _ in range(64):  # bounded: other listeners and the relay get their turn
+            try:
+                sock, _addr = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and the like: the reader waits in the backlog
+                log.warning("sftap: cannot accept a reader on %s: %s", iface.name, exc)
+                return
+            reader = Reader(self, iface, sock)
+            self.effective_sndbuf = reader.channel.sndbuf
+            iface.readers.append(reader)
+            self.readers_accepted += 1
+            log.info("sftap: reader connected on %s", iface.name)
 
     def _bind(self, iface: Interface) -> socket.socket:
         path = str(iface.path)
@@ -403,26 +388,21 @@ class SftapServer:
         return sock
 
     async def stop(self) -> None:
-        """Stop listening, close every reader (flushing briefly), remove the sockets."""
+        """Stop listening, close every reader (sending what is queued, briefly), remove sockets."""
+        loop = asyncio.get_running_loop()
         for iface in self.interfaces.values():
             if iface.server is not None:
+                loop.remove_reader(iface.server.fileno())
                 iface.server.close()
-        self._flush()
-        readers = [r for i in self.interfaces.values() for r in i.readers]
-        for r in readers:
-            if r.transport is not None:
-                r.transport.close()
-        pending = [r.lost for r in readers if not r.lost.done()]
-        if pending:
-            await asyncio.wait(pending, timeout=self.close_timeout)
-        for r in readers:
-            if not r.closed and r.transport is not None:
-                r.transport.abort()
-        for iface in self.interfaces.values():
-            if iface.server is not None:
-                await iface.server.wait_closed()
                 iface.server = None
             self._unlink(iface)
+        readers = self.readers
+        if readers:
+            await asyncio.wait(
+                [asyncio.ensure_future(r.channel.drain(self.close_timeout)) for r in readers]
+            )
+        for r in readers:
+            r.close()
         self._flows.clear()
 
     def _unlink(self, iface: Interface) -> None:
@@ -439,43 +419,42 @@ class SftapServer:
     # -- stats ----------------------------------------------------------------------
 
     def _retire(self, reader: Reader) -> None:
-        self._retired.append(reader)
-        if len(self._retired) > 256:  # fold old readers into one accumulator
-            acc = self._retired[0]
-            for r in self._retired[1:]:
-                acc.events_sent += r.events_sent
-                acc.bytes_sent += r.bytes_sent
-                acc.bytes_dropped += r.bytes_dropped
-                for k, v in r.drops.items():
-                    acc.drops[k] = acc.drops.get(k, 0) + v
-                for k, v in r.dropped_bytes.items():
-                    acc.dropped_bytes[k] = acc.dropped_bytes.get(k, 0) + v
-            self._retired = [acc]
+        self._retired.add(reader.channel)
 
     @property
     def readers(self) -> list[Reader]:
         """Every connected reader, all sockets."""
         return [r for i in self.interfaces.values() for r in i.readers]
 
-    def _all(self) -> list[Reader]:
-        return self._retired + self.readers
-
     @property
     def events_sent(self) -> int:
-        return sum(r.events_sent for r in self._all())
+        return self._retired.events_sent + sum(r.events_sent for r in self.readers)
 
     @property
     def bytes_sent(self) -> int:
-        return sum(r.bytes_sent for r in self._all())
+        return self._retired.bytes_sent + sum(r.bytes_sent for r in self.readers)
 
     @property
     def bytes_dropped(self) -> int:
-        return sum(r.bytes_dropped for r in self._all())
+        return sum(self.dropped_bytes.values())
+
+    @property
+    def partial_sends(self) -> int:
+        return self._retired.partial_sends + sum(r.channel.partial_sends for r in self.readers)
+
+    @property
+    def wait_seconds(self) -> float:
+        """Time readers held flows (summed over readers), including a wait in progress."""
+        now = asyncio.get_running_loop().time() if self.readers else 0.0
+        total = self._retired.waited
+        for r in self.readers:
+            total += r.channel.waited(now)
+        return total
 
     @property
     def drops(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for r in self._all():
+        out = dict(self._retired.drops)
+        for r in self.readers:
             for k, v in r.drops.items():
                 out[k] = out.get(k, 0) + v
         return out
@@ -483,8 +462,8 @@ class SftapServer:
     @property
     def dropped_bytes(self) -> dict[str, int]:
         """DATA payload bytes dropped, by reason."""
-        out: dict[str, int] = {}
-        for r in self._all():
+        out = dict(self._retired.dropped_bytes)
+        for r in self.readers:
             for k, v in r.dropped_bytes.items():
                 out[k] = out.get(k, 0) + v
         return out
@@ -493,23 +472,6 @@ class SftapServer:
     def flows(self) -> int:
         """Flows currently exported to at least one reader."""
         return len(self._flows)
-
-    # -- batching ---------------------------------------------------------------------
-
-    def _mark(self, reader: Reader) -> None:
-        """``reader`` has queued events: flush every such reader once, next iteration."""
-        dirty = self._dirty
-        if not dirty:
-            asyncio.get_running_loop().call_soon(self._flush)
-        dirty.append(reader)
-
-    def _flush(self) -> None:
-        dirty = self._dirty
-        if dirty:
-            self._dirty = []
-            for r in dirty:
-                r._dirty = False
-                r.flush()
 
     # -- the hub's calls (hot path) ---------------------------------------------------
 
@@ -536,9 +498,10 @@ class SftapServer:
                 self.flows_unheard += 1
                 return
         tcp = flow.l4 == "tcp"
+        headers = FlowHeaders(key, client_is_1, binary=iface.binary, tcp=tcp)
         if tcp:
-            msg = pack_created(key, flow.start) if iface.binary else encode_created(key, flow.start)
-            readers = [r for r in iface.readers if r.send_control(msg)]
+            msg = headers.created(flow.start)
+            readers = [r for r in iface.readers if r.channel.control(msg)]
             if not readers:
                 return
             self.created_sent += len(readers)
@@ -546,7 +509,7 @@ class SftapServer:
                 r.flows += 1
         else:
             readers = iface.readers  # UDP: no CREATED; every current reader, live list
-        self._flows[flow.id] = _Flow(key, client_is_1, iface.binary, readers, tcp)
+        self._flows[flow.id] = _Flow(headers, readers, tcp)
         self.flows_exported += 1
 
     def flow_data(self, flow: Flow, direction: int, data: bytes, now: float) -> None:
@@ -556,22 +519,24 @@ class SftapServer:
         n = len(data)
         if n <= self.chunk:
             if n:
-                self._data(flow.id, st, direction == UP, data, now)
+                self._data(flow, st, direction == UP, data, now)
             return
         up = direction == UP
         for piece in split_payload(data, self.chunk):
-            self._data(flow.id, st, up, piece, now)
+            if not self._data(flow, st, up, piece, now):
+                return
 
     def flow_destroyed(self, flow: Flow, reason: CloseReason, now: float) -> None:
         st = self._flows.pop(flow.id, None)
-        if st is None or not st.tcp:
+        if st is None:
             return
-        text = REASONS[reason]
-        msg = (
-            pack_destroyed(st.key, text, now) if st.binary else encode_destroyed(st.key, text, now)
-        )
         for r in st.readers:
-            if r.send_control(msg):
+            r.channel.forget(flow)
+        if not st.tcp:
+            return
+        msg = st.headers.destroyed(REASONS[reason], now)
+        for r in st.readers:
+            if r.channel.control(msg):
                 r.flows -= 1
                 self.destroyed_sent += 1
 
@@ -594,7 +559,7 @@ class SftapServer:
             return
         if n > self.chunk:  # a datagram is never split: each DATA is one datagram
             for r in iface.readers:
-                r._drop("oversize", n)
+                r.channel.drop("oversize", n)
             return
         match = "none" if rule.up is None else "up"
         from_ = 1 if src_is_1 else 2
@@ -602,51 +567,52 @@ class SftapServer:
             head = pack_data(key, from_, match, n, now)
         else:
             head = data_line(data_head(key, from_, match), n, now)
+        msg = (head, data)
+        total = len(head) + n
         for r in iface.readers:
-            r.send_data(head, data)
+            r.channel.data_nowait(msg, total)
 
-    def _data(
-        self, flow_id: int, st: _Flow, up: bool, body: bytes | memoryview, now: float
-    ) -> None:
+    def _data(self, flow: Flow, st: _Flow, up: bool, body: bytes | memoryview, now: float) -> bool:
+        """One DATA event to the flow's readers; False when no reader is left for it."""
         n = len(body)
-        if st.binary:
-            if up:
-                head = pack_data(st.key, st.up_from, "up" if st.tcp else "none", n, now)
-            else:
-                head = pack_data(st.key, st.down_from, "down" if st.tcp else "none", n, now)
-        else:
-            head = data_line(st.up_head if up else st.down_head, n, now)
+        head = st.headers.data(up, n, now)
+        msg = (head, body)
+        total = len(head) + n
         failed = False
         for r in st.readers:
-            if not r.send_data(head, body):
+            if not r.channel.data(flow, msg, total):
                 failed = True
         if failed and st.tcp:
-            self._prune(flow_id, st, now)
+            return self._prune(flow, st, now)
+        return True
 
-    def _prune(self, flow_id: int, st: _Flow, now: float) -> None:
-        """Forget readers that left; with ``on_gap="cut"``, end the flow for those that dropped."""
+    def _prune(self, flow: Flow, st: _Flow, now: float) -> bool:
+        """Forget readers that left; with ``on_gap="cut"``, end the flow for those that dropped.
+
+        False when the flow has no reader left.
+        """
         keep: list[Reader] = []
         cut: list[Reader] = []
         for r in st.readers:
             if r.closed:
                 continue
-            if self.cut and r.paused:
+            if self.cut and r.channel.dropped_last:
                 cut.append(r)
             else:
                 keep.append(r)
         if cut:
-            if st.binary:
-                msg = pack_destroyed(st.key, "COMPROMISED", now)
-            else:
-                msg = encode_destroyed(st.key, "COMPROMISED", now)
+            msg = st.headers.destroyed("COMPROMISED", now)
             for r in cut:
-                r._drop(CUT, 0)
+                r.channel.drop(CUT, 0)
+                r.channel.forget(flow)
                 r.flows -= 1
-                if r.send_control(msg):
+                if r.channel.control(msg):
                     self.destroyed_sent += 1
         st.readers = keep
         if not keep:
-            del self._flows[flow_id]
+            del self._flows[flow.id]
+            return False
+        return True
 
 
 def _alive(path: str) -> bool:

@@ -18,6 +18,7 @@ import ipaddress
 import random
 import secrets
 from collections.abc import Iterator
+from typing import Protocol
 
 Endpoint = tuple[str, int]
 
@@ -67,6 +68,12 @@ def _address_text(host: str) -> str:
     return str(ip)
 
 
+class Valve(Protocol):
+    """What relays a flow: export sinks ask it to stop and restart reading both sides."""
+
+    def export_hold(self, held: bool) -> None: ...
+
+
 class Connection:
     """The outer connection: client -> proxy."""
 
@@ -98,6 +105,7 @@ class Flow:
         "client",
         "decrypted",
         "end",
+        "holders",
         "hop",
         "http_host",
         "id",
@@ -113,6 +121,7 @@ class Flow:
         "state",
         "tap",
         "uid",
+        "valve",
     )
 
     def __init__(
@@ -148,6 +157,30 @@ class Flow:
         self.http_host: str | None = None
         self.decrypted = False
         self.tap: object | None = None  # per-flow state owned by the export hub
+        # Lossless export (overload "wait"): the sinks that are behind on this flow
+        # hold it; while any does, its ``valve`` (the relay) reads neither side.
+        self.valve: Valve | None = None
+        self.holders: set[object] | None = None
+
+    def hold(self, by: object) -> None:
+        """``by`` (an export consumer) is behind: stop reading this flow until it releases."""
+        holders = self.holders
+        if holders is None:
+            self.holders = {by}
+            if self.valve is not None:
+                self.valve.export_hold(True)
+        else:
+            holders.add(by)
+
+    def release(self, by: object) -> None:
+        holders = self.holders
+        if holders is None or by not in holders:
+            return
+        holders.discard(by)
+        if not holders:
+            self.holders = None
+            if self.valve is not None:
+                self.valve.export_hold(False)
 
     @property
     def tunnel(self) -> str:

@@ -93,7 +93,7 @@ class PendingUpstream(asyncio.Protocol):
 class _Side(asyncio.Protocol):
     """Reads ``rx``, writes ``tx``; taps what it reads as ``direction``."""
 
-    __slots__ = ("direction", "eof", "flow", "hub", "relay", "rx", "tx")
+    __slots__ = ("direction", "eof", "flow", "full", "hub", "reading", "relay", "rx", "tx")
 
     def __init__(
         self, relay: Relay, direction: int, rx: asyncio.Transport, tx: asyncio.Transport
@@ -105,6 +105,8 @@ class _Side(asyncio.Protocol):
         self.rx = rx
         self.tx = tx
         self.eof = False
+        self.full = False  # rx's write buffer is past the high-water mark
+        self.reading = True  # rx is being read (the relay resumes it at start)
 
     def data_received(self, data: bytes) -> None:
         self.tx.write(data)
@@ -127,6 +129,7 @@ class _Side(asyncio.Protocol):
             relay.finish(CloseReason.NORMAL)
             return False
         self.flow.state = State.HALF_CLOSED
+        self.reading = False  # never read again: uvloop would repeat the EOF
         if self.tx.can_write_eof():
             with contextlib.suppress(OSError, RuntimeError):
                 self.tx.write_eof()
@@ -143,19 +146,38 @@ class _Side(asyncio.Protocol):
 
     # our rx transport's write buffer is full: stop reading what fills it
     def pause_writing(self) -> None:
-        with contextlib.suppress(Exception):
-            self.tx.pause_reading()
+        self.full = True
+        self.relay.update_reading()
 
     def resume_writing(self) -> None:
-        if not self.relay.closed:
+        self.full = False
+        self.relay.update_reading()
+
+    def set_reading(self, want: bool) -> None:
+        if want is not self.reading:
+            self.reading = want
             with contextlib.suppress(Exception):
-                self.tx.resume_reading()
+                if want:
+                    self.rx.resume_reading()
+                else:
+                    self.rx.pause_reading()
 
 
 class Relay:
     """One tunnel's two directions, its flow record and its idle timer."""
 
-    __slots__ = ("_seen", "_timer", "closed", "down", "flow", "hub", "idle", "on_done", "up")
+    __slots__ = (
+        "_seen",
+        "_timer",
+        "closed",
+        "down",
+        "flow",
+        "held",
+        "hub",
+        "idle",
+        "on_done",
+        "up",
+    )
 
     def __init__(
         self,
@@ -169,6 +191,7 @@ class Relay:
         self.idle = idle
         self.on_done = on_done
         self.closed = False
+        self.held = False  # an export consumer under the "wait" policy is behind
         self._seen = 0
         self._timer: asyncio.TimerHandle | None = None
         self.up: _Side
@@ -216,10 +239,33 @@ class Relay:
         if pending.early.eof:
             self.down.eof_received()
         if not self.closed:  # a side that ended is not read again (uvloop would repeat the EOF)
-            if not client_eof:
-                client.resume_reading()
-            if not pending.early.eof:
-                server.resume_reading()
+            self.flow.valve = self
+            self.held = bool(self.flow.holders)  # the export may be behind on early bytes
+            self.update_reading(force=True)  # Early may have paused either side
+
+    def update_reading(self, force: bool = False) -> None:
+        """Read a side unless its bytes cannot go anywhere now.
+
+        A side is not read when it ended, when the other side's write buffer
+        is full (backpressure), or while an export consumer holds the flow.
+        ``force``: the transports' state is unknown; tell both what is wanted.
+        """
+        if self.closed:
+            return
+        up, down = self.up, self.down
+        held = self.held
+        want_up = not (held or up.eof or down.full)
+        want_down = not (held or down.eof or up.full)
+        if force:
+            up.reading = not want_up
+            down.reading = not want_down
+        up.set_reading(want_up)
+        down.set_reading(want_down)
+
+    def export_hold(self, held: bool) -> None:
+        """``Valve``: the export asks to pause (or resume) reading both sides."""
+        self.held = held
+        self.update_reading()
 
     def _idle_check(self) -> None:
         if self.closed:
@@ -241,6 +287,7 @@ class Relay:
         if self.closed:
             return
         self.closed = True
+        self.flow.valve = None
         if self._timer is not None:
             self._timer.cancel()
         for side in (self.up, self.down):

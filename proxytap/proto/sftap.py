@@ -416,6 +416,66 @@ def encode_binary(ev: Event) -> bytes:
     return pack_data(ev.key, ev.from_, ev.match or "none", ev.length, ev.time)
 
 
+# -- one flow's headers -----------------------------------------------------------
+
+
+class FlowHeaders:
+    """The headers of one flow's events, text or binary, with the fixed parts made once.
+
+    ``client_is_1``: the client is endpoint 1 (``from=1`` for what it sends).
+    TCP DATA carries ``match=up`` (client to server) or ``down``; UDP ``none``.
+    ``vlan`` (text only) adds ``vlan=N`` after ``port2``.
+    """
+
+    __slots__ = (
+        "binary",
+        "down_from",
+        "down_head",
+        "down_match",
+        "key",
+        "up_from",
+        "up_head",
+        "up_match",
+        "vlan",
+    )
+
+    def __init__(
+        self,
+        key: FlowKey,
+        client_is_1: bool,
+        *,
+        binary: bool = False,
+        tcp: bool = True,
+        vlan: int | None = None,
+    ) -> None:
+        self.key = key
+        self.binary = binary
+        self.vlan = vlan
+        self.up_from = 1 if client_is_1 else 2
+        self.down_from = 2 if client_is_1 else 1
+        self.up_match, self.down_match = ("up", "down") if tcp else ("none", "none")
+        self.up_head = data_head(key, self.up_from, self.up_match, vlan=vlan)
+        self.down_head = data_head(key, self.down_from, self.down_match, vlan=vlan)
+
+    def created(self, t: float) -> bytes:
+        if self.binary:
+            return pack_created(self.key, t)
+        return encode_created(self.key, t, vlan=self.vlan)
+
+    def destroyed(self, reason: str, t: float) -> bytes:
+        if self.binary:
+            return pack_destroyed(self.key, reason, t)
+        return encode_destroyed(self.key, reason, t, vlan=self.vlan)
+
+    def data(self, up: bool, length: int, t: float) -> bytes:
+        """The header of a DATA event whose body of ``length`` bytes follows."""
+        if self.binary:
+            if up:
+                return pack_data(self.key, self.up_from, self.up_match, length, t)
+            return pack_data(self.key, self.down_from, self.down_match, length, t)
+        return data_line(self.up_head if up else self.down_head, length, t)
+
+
 # -- decoding ------------------------------------------------------------------
 
 _KEY_FIELDS = ("ip1", "ip2", "port1", "port2", "hop", "l3", "l4")
@@ -562,6 +622,7 @@ __all__ = [
     "REASONS",
     "SERVED_CHUNK",
     "Event",
+    "FlowHeaders",
     "FlowKey",
     "data_head",
     "data_message",

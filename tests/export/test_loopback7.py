@@ -2,10 +2,11 @@
 
 The stand-in reads the stream the way the original's ``read_loopback7`` does
 (one header line, then ``len`` body bytes) and records every rule it sees
-broken. That a header and its body go out in *one* write cannot be seen from
+broken. That a header and its body go out in *one* send cannot be seen from
 the receiving side (stream sockets merge and split at will), so the tests wrap
-the writer's transport and check every ``write()`` call: each must be exactly
-one header line plus exactly its ``len`` body bytes.
+the writer's socket and check every ``sendmsg()`` call: each must be exactly
+one header line plus exactly its ``len`` body bytes, and the kernel must take
+all of it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -135,16 +137,19 @@ class Abstractor:
                 bad("from")
 
 
-class RecordingTransport:
-    """Wraps the writer's transport and keeps every ``write()`` call's bytes."""
+class RecordingSocket:
+    """Wraps the writer's socket and keeps what every ``sendmsg()`` call sent."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.writes: list[bytes] = []
 
-    def write(self, data: bytes) -> None:
-        self.writes.append(bytes(data))
-        self.inner.write(data)
+    def sendmsg(self, parts: list[bytes]) -> int:
+        data = b"".join(parts)
+        sent = int(self.inner.sendmsg(parts))
+        assert sent == len(data), "the kernel took part of a message"
+        self.writes.append(data)
+        return sent
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -194,8 +199,10 @@ async def test_writes_follow_spec_section_4(home: Path) -> None:
     writer = fast_writer(home / "loopback7")
     async with running(writer) as hub:
         await wait_for(lambda: writer.link_up)
-        rec = RecordingTransport(writer._transport)
-        writer._transport = cast(asyncio.WriteTransport, rec)
+        channel = writer._channel
+        assert channel is not None
+        rec = RecordingSocket(channel.sock)
+        channel.sock = cast(socket.socket, rec)
         table = FlowTable()
         # the server is the smaller endpoint: the client's bytes are from=2
         f1 = tls_flow(hub, table, ("10.0.0.9", 50000), ("10.0.0.1", 443))
@@ -261,16 +268,23 @@ async def test_abstractor_absent_then_up(home: Path) -> None:
         await ab.start()
         await wait_for(lambda: writer.link_up)
         assert writer.connects == 1 and writer.reconnects == 0
-        hub.data(early, UP, b"late", early.start + 1)  # its CREATED never went out
+        # the flow that started before the link is announced on it, with its later bytes
+        hub.data(early, UP, b"late", early.start + 1)
         hub.closed(early, CloseReason.NORMAL, early.start + 2)
         later = tls_flow(hub, table, ("10.0.0.2", 42000), ("10.0.0.1", 443))
         hub.closed(later, CloseReason.NORMAL, later.start + 2)
         await wait_for(lambda: ab.destroyed(42000))
         assert ab.conn.errors == []
+        early_events = [(e, b) for e, b in ab.conn.events if 41000 in (e.key.port1, e.key.port2)]
+        assert [(e.event, b) for e, b in early_events] == [
+            (CREATED, b""),
+            (DATA, b"late"),
+            (DESTROYED, b""),
+        ]
         assert {e.key.port1 for e, _ in ab.conn.events} | {
             e.key.port2 for e, _ in ab.conn.events
-        } == {443, 42000}
-        assert writer.dropped_bytes["not_connected"] >= len(CLIENT_HELLO) + 4
+        } == {443, 41000, 42000}
+        assert writer.dropped_bytes["not_connected"] >= len(CLIENT_HELLO) + len(SERVER_HELLO)
     await ab.kill()
 
 
@@ -294,15 +308,21 @@ async def test_abstractor_restart_mid_run(home: Path) -> None:
         await ab.start()  # and comes back
         await wait_for(lambda: writer.link_up)
         assert writer.reconnects == 1
+        assert writer.reannounced == 1
         hub.data(old, DOWN, b"after restart", old.start + 2)
-        hub.closed(old, CloseReason.NORMAL, old.start + 3)  # not resumed: nothing of it
+        hub.closed(old, CloseReason.NORMAL, old.start + 3)  # announced again: it ends there
         new = tls_flow(hub, table, ("10.0.0.3", 44000), ("10.0.0.1", 443))
         hub.closed(new, CloseReason.NORMAL, new.start + 1)
         await wait_for(lambda: ab.destroyed(44000))
         assert ab.conn is not first
         assert ab.conn.errors == [] and first.errors == []
-        assert all(44000 in (e.key.port1, e.key.port2) for e, _ in ab.conn.events)
         assert [e.event for e, _ in first.events] == [CREATED, DATA, DATA]
+        old_events = [(e, b) for e, b in ab.conn.events if 43000 in (e.key.port1, e.key.port2)]
+        assert [e.event for e, _ in old_events] == [CREATED, DATA, DESTROYED]
+        assert old_events[0][0].time == pytest.approx(old.start)  # its original start
+        assert old_events[1][1] == b"after restart"
+        new_events = [e.event for e, _ in ab.conn.events if 44000 in (e.key.port1, e.key.port2)]
+        assert new_events == [CREATED, DATA, DATA, DESTROYED]
     await ab.kill()
 
 
@@ -311,7 +331,7 @@ async def test_buffer_full_drops_data_never_blocks(home: Path) -> None:
     ab = Abstractor(path)
     ab.gate.clear()  # accepts, then does not read
     await ab.start()
-    writer = fast_writer(path, buffer_limit=128 << 10)
+    writer = fast_writer(path, buffer_limit=128 << 10, sndbuf=128 << 10)
     async with running(writer) as hub:
         await wait_for(lambda: writer.link_up)
         table = FlowTable()
@@ -340,14 +360,14 @@ async def test_overflow_drops_connection_and_reconnects(home: Path) -> None:
     ab = Abstractor(path)
     ab.gate.clear()
     await ab.start()
-    writer = fast_writer(path, buffer_limit=32 << 10, control_headroom=2048)
+    writer = fast_writer(path, buffer_limit=32 << 10, control_headroom=2048, sndbuf=128 << 10)
     async with running(writer) as hub:
         await wait_for(lambda: writer.link_up)
         table = FlowTable()
         f = tls_flow(hub, table, ("10.0.0.5", 46000), ("10.0.0.1", 443))
         for i in range(100):
             hub.data(f, DOWN, os.urandom(16 << 10), f.start + i)
-        await wait_for(lambda: writer._paused)
+        await wait_for(lambda: writer.buffered > 0)
         for i in range(200):
             g = tls_flow(hub, table, ("10.0.0.5", 47000 + i), ("10.0.0.1", 443))
             hub.closed(g, CloseReason.NORMAL, g.start + 1)
