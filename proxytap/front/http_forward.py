@@ -792,7 +792,7 @@ class HttpForwarder(asyncio.Protocol):
         if self.lingering:
             want = True
         elif self.tunnel is not None:
-            want = not self.tunnel.blocked
+            want = not (self.tunnel.blocked or self.tunnel.export_held)
         else:
             queue = self.queue
             if not queue:
@@ -805,7 +805,9 @@ class HttpForwarder(asyncio.Protocol):
                 req = queue[0]
                 up = req.upstream
                 # done: only notice a client that goes away, or its next request
-                want = req.done or (up is not None and up.ready and not up.blocked)
+                want = req.done or (
+                    up is not None and up.ready and not (up.blocked or up.export_held)
+                )
         if want is not self.reading:
             self.reading = want
             if want:
@@ -1087,6 +1089,8 @@ class _Upstream(asyncio.Protocol):
         self.closed = False
         self.blocked = False  # our write buffer to the origin is full
         self.reading = True
+        self.wanted = True  # reading as the exchange wants it, before an export hold
+        self.export_held = False  # an export consumer under the "wait" policy is behind
         self.eof = False
         self.served = 0  # requests started on this connection
         self.out: list[bytes] = []
@@ -1149,6 +1153,7 @@ class _Upstream(asyncio.Protocol):
         transport.set_write_buffer_limits(high=fwd.high_water)
         flow = services.table.open_flow(fwd.conn, peer, self.host, self.port, time.time())
         self.flow = flow
+        flow.valve = self
         if self.hub is not None:
             self.hub.opened(flow)
         self.ready = True
@@ -1220,6 +1225,8 @@ class _Upstream(asyncio.Protocol):
                 transport.write_eof()
 
     def set_reading(self, want: bool) -> None:
+        self.wanted = want
+        want = want and not self.export_held
         if want == self.reading or self.closed or self.transport is None:
             return
         self.reading = want
@@ -1227,6 +1234,12 @@ class _Upstream(asyncio.Protocol):
             self.transport.resume_reading()
         else:
             self.transport.pause_reading()
+
+    def export_hold(self, held: bool) -> None:
+        """``Valve``: the export asks to pause (or resume) both sides of this flow."""
+        self.export_held = held
+        self.set_reading(self.wanted)
+        self.fwd._update_reading()
 
     def pause_writing(self) -> None:
         self.blocked = True
@@ -1620,6 +1633,7 @@ class _Upstream(asyncio.Protocol):
             del fwd.idle[self.key]
         flow = self.flow
         if flow is not None:
+            flow.valve = None
             fwd.services.flow_closed(flow, reason, time.time())
             log.debug(
                 "http flow %s:%d -> %s:%d (%s:%d) %s up=%d down=%d",
