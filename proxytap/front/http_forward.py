@@ -679,6 +679,8 @@ class HttpForwarder(asyncio.Protocol):
 
     def _upgraded(self, rest: bytes) -> None:
         """llhttp stopped after an upgrade request's head; ``rest`` followed it."""
+        if self.closed:
+            return
         req = self.parsing
         self.parser = httptools.HttpRequestParser(self)
         if req is None or req.websocket or req.done:
@@ -1034,6 +1036,12 @@ class HttpForwarder(asyncio.Protocol):
         self.queue.clear()
         self.services.table.close_connection(self.conn)
         self.services.live.discard(self)
+        # Let go of what refers back to this object: the parser's callbacks, and an
+        # upstream (its ``fwd``) through the request being read or the WebSocket
+        # relay. Cycles are freed only by the cyclic collector, and rarely (app.py).
+        self.parser = httptools.HttpRequestParser(None)
+        self.parsing = None
+        self.tunnel = None
 
     def _tick(self) -> None:
         self.timer = None
@@ -1164,8 +1172,10 @@ class _Upstream(asyncio.Protocol):
 
     def _connect_failed(self, failure: Failure, detail: str) -> None:
         fwd = self.fwd
+        req = self.req
         self.closed = True
         self.task = None
+        self._unhook()
         fwd.upstreams.discard(self)
         log.info(
             "http %s:%d -> %s:%d connect failed: %s (%s)",
@@ -1175,7 +1185,6 @@ class _Upstream(asyncio.Protocol):
             failure.value,
             detail,
         )
-        req = self.req
         if req is not None:
             self.error = (failure.http_status, failure.description, failure.value)
             fwd.upstream_error(self, req, CloseReason.ERROR)
@@ -1623,10 +1632,22 @@ class _Upstream(asyncio.Protocol):
             else:
                 transport.close()
 
+    def _unhook(self) -> None:
+        """Closed: let go of what refers back to this object.
+
+        The parser and ``events`` call back into it, and its request refers to it
+        (``upstream``): reference cycles, which only the cyclic collector frees,
+        and rarely (app.py). A closed connection parses nothing, serves no request.
+        """
+        self.events = SimpleNamespace()
+        self.parser = httptools.HttpResponseParser(None)
+        self.req = None
+
     def _closed(self, reason: CloseReason) -> None:
         if self.closed:
             return
         self.closed = True
+        self._unhook()
         fwd = self.fwd
         fwd.upstreams.discard(self)
         if self.idle and fwd.idle.get(self.key) is self:

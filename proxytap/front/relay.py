@@ -122,8 +122,10 @@ class _Side(asyncio.Protocol):
             hub.data(flow, self.direction, data, time.time())
 
     def eof_received(self) -> bool:
-        self.eof = True
         relay = self.relay
+        if relay.closed:  # the tunnel ended while this EOF waited (``Relay.start`` replays)
+            return False
+        self.eof = True
         other = relay.down if self is relay.up else relay.up
         if other.eof:
             relay.finish(CloseReason.NORMAL)
@@ -299,6 +301,21 @@ class Relay:
             else:
                 transport.close()
         self.on_done(self, reason)
+        # The sides and the relay refer to each other, and the flow, both
+        # transports and the handshake hang off them: a cycle, which only the
+        # cyclic collector would free, and app.py makes it run rarely. The
+        # transports still call the sides (connection_lost, resume_writing while
+        # a close flushes); all a side needs from then on is a closed relay.
+        self.up.relay = self.down.relay = _FINISHED
+
+
+def _finished() -> Relay:
+    relay = Relay.__new__(Relay)
+    relay.closed = True
+    return relay
+
+
+_FINISHED = _finished()  # what the sides of a finished tunnel refer to: closed, holds nothing
 
 
 class _Linger(asyncio.Protocol):
