@@ -14,14 +14,15 @@ import gc
 import logging
 import signal
 import time
-from typing import Any
 
 from proxytap.admin import AdminServer
 from proxytap.config import Config
 from proxytap.errors import ConfigError
 from proxytap.export.hub import Hub
+from proxytap.export.sink import Sink
 from proxytap.front.listener import bound_addresses, start_listener
 from proxytap.front.services import Services
+from proxytap.front.shedding import FdBudget, raise_open_file_limit
 from proxytap.front.upstream import Connector, Resolver
 from proxytap.proto.classify import Classifier, rules_from_config
 
@@ -38,14 +39,14 @@ class App:
     ) -> None:
         self.config = config
         classifier = Classifier(rules_from_config(list(config.export.rules)))
-        self.hub = Hub(classifier)
+        self.hub = Hub(classifier, classify_timeout=config.export.classify_timeout)
         self.services = Services(config=config, hub=self.hub)
         if resolver is not None:
             self.services.resolver = resolver
         if connector is not None:
             self.services.connector = connector
         self.servers: dict[str, asyncio.Server] = {}
-        self.sinks: list[Any] = []
+        self.sinks: list[Sink] = []
         self.admin: AdminServer | None = None
         self.started_at = time.time()
         self.ready = False  # every listener bound, not draining (/readyz)
@@ -95,6 +96,24 @@ class App:
         for listener in self.config.listeners:
             for host, port in self.addresses(listener.name):
                 log.info("listening: %s %s on %s:%d", listener.name, listener.kind, host, port)
+        self._budget_files()
+
+    def _budget_files(self) -> None:
+        """Measure what the open-file limit leaves for client connections, and say it."""
+        limits = self.config.limits
+        fds = self.services.fds = FdBudget.measure(limits.open_files_reserve)
+        bound = ""
+        if fds.capacity < limits.max_connections:
+            bound = f"; fewer than limits.max_connections ({limits.max_connections})"
+        log.info(
+            "open-file limit %d: up to ~%d client connections (2 descriptors each, "
+            "%d in use now, %d kept in reserve)%s",
+            fds.limit,
+            fds.capacity,
+            fds.base,
+            fds.reserve,
+            bound,
+        )
 
     async def stop(self, grace: float | None = None) -> None:
         if grace is None:
@@ -126,14 +145,15 @@ class App:
     def reopen_logs(self) -> None:
         """SIGHUP: sinks writing files (the JSON flow log) reopen them, for logrotate."""
         for sink in self.sinks:
-            reopen = getattr(sink, "reopen", None)
-            if reopen is not None:
-                reopen()
+            sink.reopen()
         log.info("reopening log files")
 
 
 async def serve(config: Config) -> int:
     """Run until SIGTERM or SIGINT, then drain and stop; the process exit code."""
+    before, after = raise_open_file_limit()
+    if after != before:
+        log.info("open-file limit raised from %d to %d (the hard limit)", before, after)
     try:
         app = App(config)  # loads the listeners' modules
     except ConfigError as exc:

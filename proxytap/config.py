@@ -99,6 +99,11 @@ class ListenerConfig:
 class Timeouts:
     """Seconds."""
 
+    # a connection that has sent nothing for this long is closed (counted, no answer):
+    # real clients send their greeting or request at once, so this sheds silent
+    # connections (port scans, half-open floods, abandoned preconnects) long before
+    # ``handshake`` would; a browser whose preconnected socket was closed opens another
+    first_byte: float = 2.0
     handshake: float = 10.0  # client must finish its SOCKS/CONNECT/request head within this
     connect: float = 10.0  # resolve + connect upstream
     idle: float = 300.0  # a relay with no bytes either way for this long is closed
@@ -129,7 +134,20 @@ class LimitsConfig:
     max_request_line: int = 8192
     max_headers: int = 100  # header fields in one HTTP head (431 / 502 past it)
     max_connections: int = 10000  # client connections open at once; 0: no limit
-    max_connections_per_client: int = 256  # per client address; 0: no limit
+    # per client address; 0: no limit. One address is often a whole office behind NAT:
+    # browsers open up to 32 connections to a proxy (Chromium's and Firefox's
+    # per-proxy cap), so 100 people can hold 3,200; 4096 fits them with room for
+    # tools, and still keeps one address from taking the whole of max_connections.
+    # Over the cap, a connection that sends a request takes the place of that
+    # address's oldest connection that has sent nothing yet; only when there is
+    # none is it refused (503, SOCKS 0x01 / 0x5B).
+    max_connections_per_client: int = 4096
+    # descriptors kept free below the open-file limit (RLIMIT_NOFILE): a new client
+    # connection is refused (accepted and closed at once) when the open ones, at two
+    # descriptors each, would leave fewer. Covers what is not counted per connection:
+    # flow-socket readers, admin requests, the flow log, resolver sockets. At most a
+    # quarter of the descriptors free at start-up is kept (a low limit is not all reserve).
+    open_files_reserve: int = 256
     write_buffer_high: int = 1 << 20  # relay backpressure high-water mark per side
 
     def validate(self, key: str) -> None:
@@ -138,6 +156,9 @@ class LimitsConfig:
             if f.name.startswith("max_connections"):
                 if value < 0:
                     raise ConfigError(f"{key}.{f.name}", "must be >= 0 (0: no limit)")
+            elif f.name == "open_files_reserve":
+                if value < 0:
+                    raise ConfigError(f"{key}.{f.name}", "must be >= 0")
             elif value <= 0:
                 raise ConfigError(f"{key}.{f.name}", "must be > 0")
 

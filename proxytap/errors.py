@@ -67,6 +67,9 @@ class Failure(enum.Enum):
     HOST_UNREACHABLE = "destination_unavailable"
     PROHIBITED = "destination_ip_prohibited"
     DENIED = "http_request_denied"
+    # out of descriptors or buffers (EMFILE, ENFILE, ENOBUFS, ENOMEM): the proxy's own
+    # limit, a temporary condition, not a fault (RFC 9209 has no closer type)
+    NO_RESOURCES = "connection_limit_reached"
     INTERNAL = "proxy_internal_error"
 
     @property
@@ -91,6 +94,7 @@ _HTTP_STATUS = {
     Failure.HOST_UNREACHABLE: 502,
     Failure.PROHIBITED: 403,
     Failure.DENIED: 403,
+    Failure.NO_RESOURCES: 503,
     Failure.INTERNAL: 502,
 }
 
@@ -104,6 +108,7 @@ _SOCKS5_CODE = {
     Failure.HOST_UNREACHABLE: 0x04,
     Failure.PROHIBITED: 0x02,
     Failure.DENIED: 0x02,
+    Failure.NO_RESOURCES: 0x01,
     Failure.INTERNAL: 0x01,
 }
 
@@ -116,6 +121,7 @@ _DESCRIPTION = {
     Failure.HOST_UNREACHABLE: "the destination host is unreachable",
     Failure.PROHIBITED: "the destination is not allowed by policy",
     Failure.DENIED: "the request is not allowed by policy",
+    Failure.NO_RESOURCES: "the proxy has no connection to spare; try again later",
     Failure.INTERNAL: "the proxy could not connect to the destination",
 }
 
@@ -140,6 +146,10 @@ _ERRNO_FAILURE = {
     errno.EAFNOSUPPORT: Failure.NET_UNREACHABLE,
     errno.EACCES: Failure.PROHIBITED,
     errno.EPERM: Failure.PROHIBITED,
+    errno.EMFILE: Failure.NO_RESOURCES,
+    errno.ENFILE: Failure.NO_RESOURCES,
+    errno.ENOBUFS: Failure.NO_RESOURCES,
+    errno.ENOMEM: Failure.NO_RESOURCES,
 }
 
 

@@ -66,3 +66,12 @@ class Stats:
         self.sni_mismatches = 0
         # module name -> hook calls that raised (or broke a head) and failed closed
         self.module_errors: Counter[str] = Counter()
+        # (listener, stage) -> client connections closed by a handshake deadline;
+        # stage "first_byte": sent nothing at all, "handshake": an unfinished request
+        self.handshake_timeouts: Counter[tuple[str, str]] = Counter()
+        # listener -> silent connections closed to make room for a request of the
+        # same client over its connection cap
+        self.silent_evictions: Counter[str] = Counter()
+        # listener -> client connections accepted and closed at once near the
+        # open-file limit
+        self.fd_refusals: Counter[str] = Counter()

@@ -75,6 +75,9 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
         services = self.services
+        if services.out_of_files():
+            self._no_files()
+            return
         now = time.time()
         try:
             peer = endpoint(transport.get_extra_info("peername"))
@@ -87,8 +90,13 @@ class ClientConnection(asyncio.Protocol):
         # answered once the protocol is known (a precise SOCKS code or HTTP status)
         self.refusal = services.admit(peer[0])
         services.live.add(self)
+        services.went_silent(peer[0], self)
         loop = asyncio.get_running_loop()
-        self.timer = loop.call_later(services.config.timeouts.handshake, self._handshake_timeout)
+        timeouts = services.config.timeouts
+        if timeouts.first_byte < timeouts.handshake:
+            self.timer = loop.call_later(timeouts.first_byte, self._first_byte_due)
+        else:
+            self.timer = loop.call_later(timeouts.handshake, self._handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
         if self.done:
@@ -99,6 +107,7 @@ class ClientConnection(asyncio.Protocol):
         if self.socks is None and not self.http:
             kind = self.listener.kind
             self.first_byte = data[0]
+            self._spoke()
             is_socks = data[0] in SOCKS_VERSIONS
             if kind == "socks" or (kind == "mixed" and is_socks):
                 auth = self.services.auth is not None
@@ -497,10 +506,65 @@ class ClientConnection(asyncio.Protocol):
             self._http_error(exc.status, exc.reason, exc.proxy_status)
         self._close(f"protocol error: {exc.reason}", linger=True)
 
+    def _no_files(self) -> None:
+        """Near the open-file limit: accepted, closed at once, counted, logged once a window."""
+        assert self.transport is not None
+        services = self.services
+        self.done = True
+        self.transport.close()
+        services.stats.fd_refusals[self.listener.name] += 1
+        reported = services.fd_log.hit()
+        if reported:
+            fds = services.fds
+            assert fds is not None
+            log.warning(
+                "open-file limit %d nearly reached: refusing new client connections "
+                "(%d refused since the last report; %d open, room for ~%d)",
+                fds.limit,
+                reported,
+                len(services.table.connections),
+                fds.capacity,
+            )
+
+    def _spoke(self) -> None:
+        """The first bytes: no longer silent; a limit decided at open is judged again."""
+        conn = self.conn
+        assert conn is not None
+        services = self.services
+        services.spoke(conn.client[0], self)
+        if self.refusal is not None:
+            self.refusal = services.readmit(conn.client[0])
+
+    def evict(self) -> None:
+        """A request of the same client, over its connection limit, takes this place."""
+        self.services.stats.silent_evictions[self.listener.name] += 1
+        self._close("closed for a request of the same client over its limit", quiet=True)
+
+    def _first_byte_due(self) -> None:
+        self.timer = None
+        if self.done or self.transport is None:
+            return
+        if self.first_byte < 0:
+            self._silent_timeout()
+            return
+        timeouts = self.services.config.timeouts
+        loop = asyncio.get_running_loop()
+        rest = timeouts.handshake - timeouts.first_byte
+        self.timer = loop.call_later(rest, self._handshake_timeout)
+
+    def _silent_timeout(self) -> None:
+        """Nothing sent: closed without an answer (nothing was asked), counted, not logged."""
+        self.services.stats.handshake_timeouts[(self.listener.name, "first_byte")] += 1
+        self._close("sent nothing within timeouts.first_byte", quiet=True)
+
     def _handshake_timeout(self) -> None:
         self.timer = None
         if self.done or self.transport is None:
             return
+        if self.first_byte < 0:  # timeouts.first_byte is not shorter than this
+            self._silent_timeout()
+            return
+        self.services.stats.handshake_timeouts[(self.listener.name, "handshake")] += 1
         if self.http:
             self._http_error(408, "the request head did not arrive in time", "http_request_error")
         self._close("handshake timeout", linger=True)
@@ -538,20 +602,37 @@ class ClientConnection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self.services.live.discard(self)
+        services = self.services
+        services.live.discard(self)
+        if self.first_byte < 0 and self.conn is not None:
+            services.spoke(self.conn.client[0], self)
 
-    def _close(self, why: str, *, linger: bool = False) -> None:
-        """Close the client; ``linger`` after a final answer so it is not lost to an RST."""
+    def _close(self, why: str, *, linger: bool = False, quiet: bool = False) -> None:
+        """Close the client; ``linger`` after a final answer so it is not lost to an RST.
+
+        ``quiet``: logged at DEBUG only (closes that come by the thousand in a
+        flood and are counted in metrics).
+        """
         if self.conn is not None and self.done is False:
-            log.info("client %s:%d closed: %s", *self.conn.client, why)
+            log.log(
+                logging.DEBUG if quiet else logging.INFO,
+                "client %s:%d closed: %s",
+                *self.conn.client,
+                why,
+            )
         self._handed_over()
+        services = self.services
         if self.conn is not None:
-            self.services.table.close_connection(self.conn)
+            services.table.close_connection(self.conn)
         if self.transport is not None and not self.transport.is_closing():
             if linger:
-                linger_close(self.transport)
+                if linger_close(self.transport, on_closed=self._lingered):
+                    services.lingering += 1  # its descriptor stays in use for a while
             else:
                 self.transport.close()
+
+    def _lingered(self) -> None:
+        self.services.lingering -= 1
 
     def shutdown(self, force: bool) -> None:
         """A connection still in its handshake is closed at once on shutdown."""

@@ -321,9 +321,12 @@ _FINISHED = _finished()  # what the sides of a finished tunnel refer to: closed,
 class _Linger(asyncio.Protocol):
     """Discards what the client still sends after our final answer, then closes."""
 
-    def __init__(self, transport: asyncio.Transport, budget: int) -> None:
+    def __init__(
+        self, transport: asyncio.Transport, budget: int, on_closed: Callable[[], None] | None
+    ) -> None:
         self.transport = transport
         self.budget = budget
+        self.on_closed = on_closed
 
     def data_received(self, data: bytes) -> None:
         self.budget -= len(data)
@@ -334,27 +337,36 @@ class _Linger(asyncio.Protocol):
         return False  # closes the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
-        pass
+        if self.on_closed is not None:
+            self.on_closed()
 
 
-def linger_close(transport: asyncio.Transport, timeout: float = 2.0, budget: int = 1 << 16) -> None:
+def linger_close(
+    transport: asyncio.Transport,
+    timeout: float = 2.0,
+    budget: int = 1 << 16,
+    on_closed: Callable[[], None] | None = None,
+) -> bool:
     """Close after a final error answer without losing it.
 
     Closing a socket with unread input makes the kernel send an RST, which can
     destroy the answer before the client reads it. So: send FIN after the
     answer, keep reading (and discarding, up to ``budget`` bytes) until the
     client closes or ``timeout`` passes, then close (Apache's lingering close).
+    True when it lingers: ``on_closed`` is then called once the socket is closed
+    (the caller counts the descriptor as in use until then).
     """
     if transport.is_closing():
-        return
+        return False
     if not transport.can_write_eof():
         transport.close()
-        return
+        return False
     try:
         transport.write_eof()
     except (OSError, RuntimeError):
         transport.close()
-        return
-    transport.set_protocol(_Linger(transport, budget))
+        return False
+    transport.set_protocol(_Linger(transport, budget, on_closed))
     transport.resume_reading()
     asyncio.get_running_loop().call_later(timeout, transport.close)
+    return True

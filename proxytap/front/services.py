@@ -16,6 +16,7 @@ from proxytap.export.hub import Hub
 from proxytap.flows.stats import Stats
 from proxytap.flows.table import CloseReason, Endpoint, Flow, FlowTable, endpoint
 from proxytap.front.authn import Authenticator
+from proxytap.front.shedding import FdBudget, LogWindow
 from proxytap.front.upstream import (
     AddrInfo,
     Connector,
@@ -36,6 +37,17 @@ log = logging.getLogger("proxytap")
 class Closable(Protocol):
     def shutdown(self, force: bool) -> None:
         """Stop; ``force`` closes at once, else only idle parts close."""
+
+
+class Silent(Protocol):
+    """A client connection that has not sent a byte yet."""
+
+    def evict(self) -> None:
+        """Close it (counted): a connection of the same client needs its place."""
+
+
+PER_CLIENT = "max-connections-per-client"
+GLOBAL = "max-connections"
 
 
 class TaskSet:
@@ -79,6 +91,12 @@ class Services:
     stats: Stats = field(default_factory=Stats)
     rules: HeaderRules = field(init=False)
     chains: dict[str, Chain] = field(init=False)  # listener name -> its modules
+    # the open-file budget (App.start measures it once the listeners are bound); None: unchecked
+    fds: FdBudget | None = None
+    lingering: int = 0  # closed client connections still draining after a final answer
+    fd_log: LogWindow = field(default_factory=LogWindow)
+    # client address -> its connections that have sent nothing yet, oldest first
+    silent: dict[str, dict[Silent, None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -114,10 +132,50 @@ class Services:
         if not self.clients.allowed(client_ip):
             return ("client-acl", "client address not allowed")
         if limits.max_connections and len(self.table.connections) > limits.max_connections:
-            return ("max-connections", "connection limit reached")
+            return (GLOBAL, "connection limit reached")
         if limits.max_connections_per_client and count > limits.max_connections_per_client:
-            return ("max-connections-per-client", "too many connections from this client")
+            return (PER_CLIENT, "too many connections from this client")
         return None
+
+    def readmit(self, client_ip: str) -> tuple[str, str] | None:
+        """A connection refused at open by a connection limit has sent its first bytes.
+
+        Judged again (connections may have closed since), and if still over a
+        limit, the client's oldest silent connection gives up its place: a
+        client that sends requests is served before its connections that send
+        nothing. Only the client's own connections are given up, never another's.
+        """
+        refusal = self.admit(client_ip)
+        if refusal is None or refusal[0] not in (PER_CLIENT, GLOBAL):
+            return refusal
+        waiting = self.silent.get(client_ip)
+        if not waiting:
+            return refusal
+        next(iter(waiting)).evict()
+        return None
+
+    def went_silent(self, client_ip: str, conn: Silent) -> None:
+        waiting = self.silent.get(client_ip)
+        if waiting is None:
+            self.silent[client_ip] = {conn: None}
+        else:
+            waiting[conn] = None
+
+    def spoke(self, client_ip: str, conn: Silent) -> None:
+        """``conn`` sent its first bytes, or closed: no longer silent."""
+        waiting = self.silent.get(client_ip)
+        if waiting is not None:
+            waiting.pop(conn, None)
+            if not waiting:
+                del self.silent[client_ip]
+
+    def out_of_files(self) -> bool:
+        """One more client connection would leave fewer than the reserve of descriptors."""
+        fds = self.fds
+        if fds is None:
+            return False
+        table = self.table
+        return fds.full(len(table.connections) + 1, len(table.flows), self.lingering)
 
     async def connect(self, host: str, port: int, user: str | None = None) -> socket.socket:
         """Policy, then resolve and connect: a connected socket (see ``open``)."""
