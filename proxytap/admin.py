@@ -46,8 +46,9 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
 from proxytap import __version__
+from proxytap.export.sink import Sink
 from proxytap.flows.table import Flow
-from proxytap.metrics import UNCLASSIFIED, SinkStats, register
+from proxytap.metrics import UNCLASSIFIED, register
 
 if TYPE_CHECKING:
     from proxytap.app import App
@@ -98,13 +99,13 @@ def _endpoint_match(query: str, host: str, port: int) -> bool:
     return query in (host, f"{host}:{port}", f"[{host}]:{port}")
 
 
-def subscriber_json(sub: Any) -> dict[str, Any]:
-    """One entry of ``/subscribers``: common counters plus what the kind adds."""
-    s = SinkStats(sub)
+def subscriber_json(sink: Sink) -> dict[str, Any]:
+    """One entry of ``/subscribers``: the common counters plus what the kind adds."""
+    s = sink.stats()
     out: dict[str, Any] = {
         "name": s.name,
         "kind": s.kind,
-        "connected": s.subscribers,
+        "connected": s.connected,
         "buffered": s.buffered,
         "flows": s.flows,
         "events": s.events,
@@ -112,38 +113,9 @@ def subscriber_json(sub: Any) -> dict[str, Any]:
         "drops": s.drops,
         "dropped_bytes": s.dropped_bytes,
     }
-    if s.kind == "sftap":
-        out["home"] = str(sub.home)
-        out["readers"] = [
-            {
-                "interface": r.interface,
-                "connected_at": r.connected_at,
-                "buffered": r.buffered,
-                "paused": r.paused,
-                "flows": r.flows,
-                "events_sent": r.events_sent,
-                "bytes_sent": r.bytes_sent,
-                "bytes_dropped": r.bytes_dropped,
-                "drops": dict(r.drops),
-            }
-            for r in sub.readers
-        ]
-    elif s.kind == "loopback7":
-        out.update(
-            path=sub.path,
-            link_up=sub.link_up,
-            connects=sub.connects,
-            reconnects=sub.reconnects,
-            connect_failures=sub.connect_failures,
-            last_error=sub.last_error,
-        )
-    elif s.kind == "flowlog":
-        out.update(
-            path=sub.path,
-            reopens=sub.reopens,
-            rotations=sub.rotations,
-            last_error=sub.last_error,
-        )
+    if s.kind != "flowlog":
+        out.update(wait_seconds=s.wait_seconds, partial_sends=s.partial_sends, sndbuf=s.sndbuf)
+    out.update(s.detail)
     return out
 
 
@@ -286,7 +258,7 @@ class AdminServer:
         )
 
     async def subscribers(self, request: web.Request) -> web.Response:
-        subs = [subscriber_json(s) for s in self.app.hub.subscribers]
+        subs = [subscriber_json(s) for s in self.app.sinks]
         return web.json_response({"subscribers": subs})
 
     async def stats(self, request: web.Request) -> web.Response:
@@ -294,7 +266,7 @@ class AdminServer:
         st = app.services.stats
         table = app.services.table
         live = list(table.flows.values())
-        sinks = [SinkStats(s) for s in app.sinks]
+        sinks = [s.stats() for s in app.sinks]
         return web.json_response(
             {
                 "now": time.time(),

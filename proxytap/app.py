@@ -14,12 +14,12 @@ import gc
 import logging
 import signal
 import time
-from typing import Any
 
 from proxytap.admin import AdminServer
 from proxytap.config import Config
 from proxytap.errors import ConfigError
 from proxytap.export.hub import Hub
+from proxytap.export.sink import Sink
 from proxytap.front.listener import bound_addresses, start_listener
 from proxytap.front.services import Services
 from proxytap.front.shedding import FdBudget, raise_open_file_limit
@@ -39,14 +39,14 @@ class App:
     ) -> None:
         self.config = config
         classifier = Classifier(rules_from_config(list(config.export.rules)))
-        self.hub = Hub(classifier)
+        self.hub = Hub(classifier, classify_timeout=config.export.classify_timeout)
         self.services = Services(config=config, hub=self.hub)
         if resolver is not None:
             self.services.resolver = resolver
         if connector is not None:
             self.services.connector = connector
         self.servers: dict[str, asyncio.Server] = {}
-        self.sinks: list[Any] = []
+        self.sinks: list[Sink] = []
         self.admin: AdminServer | None = None
         self.started_at = time.time()
         self.ready = False  # every listener bound, not draining (/readyz)
@@ -145,9 +145,7 @@ class App:
     def reopen_logs(self) -> None:
         """SIGHUP: sinks writing files (the JSON flow log) reopen them, for logrotate."""
         for sink in self.sinks:
-            reopen = getattr(sink, "reopen", None)
-            if reopen is not None:
-                reopen()
+            sink.reopen()
         log.info("reopening log files")
 
 

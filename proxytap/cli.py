@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
     run.add_argument("--sftap-home", metavar="DIR", help="serve SF-TAP flow sockets under DIR")
     run.add_argument("--loopback7", metavar="PATH", help="feed a running abstractor's loopback7")
+    run.add_argument(
+        "--export-overload",
+        choices=["drop", "wait"],
+        help="when an analyzer or loopback7 is behind: drop export data (default) or "
+        "wait: pause the flow, at most export.max_wait seconds (lossless export)",
+    )
     run.add_argument("--idle-timeout", type=float, metavar="SECONDS", help="relay idle timeout")
     run.add_argument(
         "--allow-dest",
@@ -156,6 +162,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         export = dataclasses.replace(export, sftap_home=args.sftap_home)
     if args.loopback7:
         export = dataclasses.replace(export, loopback7=args.loopback7)
+    if args.export_overload:
+        export = dataclasses.replace(
+            export, overload=args.export_overload, loopback7_overload=args.export_overload
+        )
     cfg = dataclasses.replace(cfg, export=export)
     access = cfg.access
     if args.allow_dest:

@@ -147,6 +147,26 @@ METRICS: dict[str, tuple[str, str]] = {
         "counter",
         "Payload bytes of dropped export events, by sink and reason",
     ),
+    "proxytap_export_wait_seconds_total": (
+        "counter",
+        "Seconds flows were paused for export consumers that were behind (overload wait)",
+    ),
+    "proxytap_export_partial_sends_total": (
+        "counter",
+        "Export messages the kernel took only part of (kept framed; expected to stay 0)",
+    ),
+    "proxytap_export_socket_buffer_bytes": (
+        "gauge",
+        "Kernel send buffer (SO_SNDBUF as the kernel reports it) of export consumer sockets",
+    ),
+    "proxytap_export_classify_timeouts_total": (
+        "counter",
+        "Flows classified when export.classify_timeout passed rather than on their bytes",
+    ),
+    "proxytap_loopback7_reannounced_flows_total": (
+        "counter",
+        "Live flows announced again (CREATED) on a new loopback7 connection",
+    ),
     "proxytap_export_subscribers": (
         "gauge",
         "Export consumers connected now (flow-socket readers, loopback7 link, open flow log)",
@@ -168,84 +188,10 @@ METRICS: dict[str, tuple[str, str]] = {
     ),
 }
 
-# Drop reasons each sink kind can report (exported at 0).
-_DROP_REASONS = {
-    "sftap": ("buffer_full", "overflow", "cut"),
-    "loopback7": ("not_connected", "buffer_full", "overflow", "oversize"),
-    "flowlog": ("buffer_full", "write_error"),
-}
-
 
 def status_class(status: int) -> str:
     """``"2xx"`` for 200..299 (the label value of ``code_class``)."""
     return f"{status // 100}xx"
-
-
-def sink_kind(sink: object) -> str:
-    """``sftap``, ``loopback7``, ``flowlog`` or ``other`` (duck-typed by class)."""
-    from proxytap.export.jsonlog import JsonFlowLog
-    from proxytap.export.loopback7 import Loopback7Writer
-    from proxytap.export.sftap_server import SftapServer
-
-    if isinstance(sink, SftapServer):
-        return "sftap"
-    if isinstance(sink, Loopback7Writer):
-        return "loopback7"
-    if isinstance(sink, JsonFlowLog):
-        return "flowlog"
-    return "other"
-
-
-class SinkStats:
-    """One sink's numbers in a common shape (read from its own attributes)."""
-
-    __slots__ = (
-        "buffered",
-        "bytes_sent",
-        "dropped_bytes",
-        "drops",
-        "events",
-        "flows",
-        "kind",
-        "name",
-        "subscribers",
-    )
-
-    def __init__(self, sink: Any) -> None:
-        self.name: str = str(getattr(sink, "name", type(sink).__name__))
-        self.kind = kind = sink_kind(sink)
-        self.events: dict[str, int] = {}
-        self.drops: dict[str, int] = dict.fromkeys(_DROP_REASONS.get(kind, ()), 0)
-        self.dropped_bytes: dict[str, int] = dict(self.drops)
-        self.bytes_sent = 0
-        self.buffered = 0
-        self.subscribers = 0
-        self.flows = 0
-        if kind in ("sftap", "loopback7"):
-            created, destroyed = sink.created_sent, sink.destroyed_sent
-            self.events = {
-                "created": created,
-                "data": sink.events_sent - created - destroyed,
-                "destroyed": destroyed,
-            }
-            self.bytes_sent = sink.bytes_sent
-            self.drops.update(sink.drops)
-            self.dropped_bytes.update(sink.dropped_bytes)
-            self.flows = sink.flows
-            if kind == "sftap":
-                readers = sink.readers
-                self.subscribers = len(readers)
-                self.buffered = sum(r.buffered for r in readers)
-            else:
-                self.subscribers = int(sink.link_up)
-                self.buffered = sink.buffered
-        elif kind == "flowlog":
-            self.events = {"flow": sink.records}
-            self.bytes_sent = sink.bytes_written
-            self.drops.update(sink.drops)
-            self.dropped_bytes.update(sink.dropped_bytes)
-            self.subscribers = int(sink.is_open)
-            self.buffered = sink.buffered
 
 
 def _histogram(name: str, buckets: Buckets) -> HistogramMetricFamily:
@@ -409,7 +355,7 @@ class ProxytapCollector(Collector):
         yield family
 
     def _export(self, subscriber_errors: int) -> Iterator[Metric]:
-        sinks = [SinkStats(s) for s in self.app.sinks]
+        sinks = [s.stats() for s in self.app.sinks]
         events = _counter("proxytap_export_events_total", ("sink", "type"))
         sent = _counter("proxytap_export_sent_bytes_total", ("sink",))
         dropped = _counter("proxytap_export_dropped_events_total", ("sink", "reason"))
@@ -417,29 +363,44 @@ class ProxytapCollector(Collector):
         subscribers = _gauge("proxytap_export_subscribers", ("sink",))
         buffered = _gauge("proxytap_export_buffered_bytes", ("sink",))
         flows = _gauge("proxytap_export_flows_active", ("sink",))
+        waited = _counter("proxytap_export_wait_seconds_total", ("sink",))
+        partial = _counter("proxytap_export_partial_sends_total", ("sink",))
+        sndbuf = _gauge("proxytap_export_socket_buffer_bytes", ("sink",))
         for s in sinks:
             _fill(events, {(s.name, t): n for t, n in s.events.items()})
             sent.add_metric([s.name], s.bytes_sent)
             _fill(dropped, {(s.name, r): n for r, n in s.drops.items()})
             _fill(dropped_bytes, {(s.name, r): n for r, n in s.dropped_bytes.items()})
-            subscribers.add_metric([s.name], s.subscribers)
+            subscribers.add_metric([s.name], s.connected)
             buffered.add_metric([s.name], s.buffered)
             flows.add_metric([s.name], s.flows)
+            if s.kind != "flowlog":
+                waited.add_metric([s.name], s.wait_seconds)
+                partial.add_metric([s.name], s.partial_sends)
+                sndbuf.add_metric([s.name], s.sndbuf)
         yield from (events, sent, dropped, dropped_bytes, subscribers, buffered, flows)
+        yield from (waited, partial, sndbuf)
         yield CounterMetricFamily(
             "proxytap_export_subscriber_errors_total",
             METRICS["proxytap_export_subscriber_errors_total"][1],
             value=subscriber_errors,
         )
+        yield CounterMetricFamily(
+            "proxytap_export_classify_timeouts_total",
+            METRICS["proxytap_export_classify_timeouts_total"][1],
+            value=self.app.hub.timed_out,
+        )
         link = _gauge("proxytap_loopback7_link_up", ("sink",))
         reconnects = _counter("proxytap_loopback7_reconnects_total", ("sink",))
         failures = _counter("proxytap_loopback7_connect_failures_total", ("sink",))
-        for sink in self.app.sinks:
-            if sink_kind(sink) == "loopback7":
-                link.add_metric([sink.name], float(sink.link_up))
-                reconnects.add_metric([sink.name], sink.reconnects)
-                failures.add_metric([sink.name], sink.connect_failures)
-        yield from (link, reconnects, failures)
+        again = _counter("proxytap_loopback7_reannounced_flows_total", ("sink",))
+        for s in sinks:
+            if s.link is not None:
+                link.add_metric([s.name], float(s.link["link_up"]))
+                reconnects.add_metric([s.name], s.link["reconnects"])
+                failures.add_metric([s.name], s.link["connect_failures"])
+                again.add_metric([s.name], s.link["reannounced"])
+        yield from (link, reconnects, failures, again)
 
 
 def register(app: App, registry: CollectorRegistry, *, process: bool = True) -> CollectorRegistry:
@@ -450,4 +411,4 @@ def register(app: App, registry: CollectorRegistry, *, process: bool = True) -> 
     return registry
 
 
-__all__ = ["METRICS", "ProxytapCollector", "SinkStats", "register", "status_class"]
+__all__ = ["METRICS", "ProxytapCollector", "register", "status_class"]

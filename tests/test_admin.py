@@ -137,7 +137,7 @@ COUNTS = MapOf(int)
 SUBSCRIBER = Open(
     {
         "name": str,
-        "kind": ("sftap", "loopback7", "flowlog", "other"),
+        "kind": ("sftap", "loopback7", "flowlog"),
         "connected": int,
         "buffered": int,
         "flows": int,
@@ -157,8 +157,11 @@ READER = {
     "bytes_sent": int,
     "bytes_dropped": int,
     "drops": COUNTS,
+    "waiting": bool,
+    "sndbuf": int,
 }
-SFTAP = Open({"home": str, "readers": ListOf(READER)})
+SOCKET_SINK = {"wait_seconds": float, "partial_sends": int, "sndbuf": int, "overload": str}
+SFTAP = Open({"home": str, "readers": ListOf(READER), **SOCKET_SINK})
 LOOPBACK7 = Open(
     {
         "path": str,
@@ -167,6 +170,9 @@ LOOPBACK7 = Open(
         "reconnects": int,
         "connect_failures": int,
         "last_error": (str, None),
+        "format": ("text", "binary"),
+        "reannounced": int,
+        **SOCKET_SINK,
     }
 )
 FLOWLOG = Open({"path": str, "reopens": int, "rotations": int, "last_error": (str, None)})
@@ -392,17 +398,21 @@ async def test_flows_and_subscribers_match_their_schemas(
     assert status == 200
     check(doc, {"subscribers": ListOf(SUBSCRIBER)})
     subs = {s["name"]: s for s in doc["subscribers"]}
-    assert set(subs) == {"sftap", "loopback7", "flowlog", "recorder"}
+    # the app's export sinks; the test's own hub subscriber (recorder) is no sink
+    assert set(subs) == {"sftap", "loopback7", "flowlog"}
     check(subs["sftap"], SFTAP)
     check(subs["loopback7"], LOOPBACK7)
     check(subs["flowlog"], FLOWLOG)
-    assert subs["recorder"]["kind"] == "other"
     sftap = subs["sftap"]
     assert sftap["connected"] == 1 and len(sftap["readers"]) == 1
     assert sftap["readers"][0]["interface"] == "tcp/http"
     assert sftap["readers"][0]["flows"] == 1  # the CONNECT tunnel, classified http
     assert sftap["events"]["created"] == 1 and sftap["events"]["data"] == 2
-    assert sftap["drops"] == {"buffer_full": 0, "overflow": 0, "cut": 0}
+    assert sftap["drops"] == dict.fromkeys(
+        ("buffer_full", "max_wait", "overflow", "cut", "oversize"), 0
+    )
+    assert sftap["partial_sends"] == 0 and sftap["wait_seconds"] == 0
+    assert sftap["sndbuf"] >= 4 << 20  # export.reader_sndbuf (the kernel doubles it)
     l7 = subs["loopback7"]
     assert (l7["link_up"], l7["connected"], l7["connects"]) == (False, 0, 0)
     assert l7["connect_failures"] >= 1 and l7["last_error"]

@@ -219,7 +219,10 @@ async def test_scripted_session_exact_counters(
         access=dataclasses.replace(TEST_ACCESS, rules=RULES),
         auth=AuthConfig(htpasswd=str(htpasswd)),
         export=ExportConfig(
-            sftap_home=str(home), reader_buffer=64 << 10, loopback7=str(home / "loopback7")
+            sftap_home=str(home),
+            reader_buffer=64 << 10,
+            reader_sndbuf=128 << 10,  # small, so the sleeping reader below loses DATA
+            loopback7=str(home / "loopback7"),
         ),
         log=LogConfig(flows=str(flowlog_path)),
         admin=AdminConfig(address="127.0.0.1:0"),
@@ -356,7 +359,7 @@ async def test_scripted_session_exact_counters(
     assert {k: v for k, v in dropped.items() if v} == {
         lab(sink="sftap", reason="buffer_full"): sftap.drops["buffer_full"]
     }
-    assert len(dropped) == 3 + 4 + 2  # sftap, loopback7, flowlog reasons
+    assert len(dropped) == 5 + 6 + 2  # sftap, loopback7, flowlog reasons
     # every payload byte of every flow either reached the slow reader or was counted dropped
     assert {k: v for k, v in dropped_bytes.items() if v} == {
         lab(sink="sftap", reason="buffer_full"): up + down - got_payload

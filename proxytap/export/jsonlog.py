@@ -37,6 +37,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, BinaryIO
 
+from proxytap.export.sink import Sink, SinkStats, known
 from proxytap.flows.table import CloseReason, Flow
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ def flow_record(flow: Flow, reason: CloseReason, now: float) -> dict[str, object
     }
 
 
-class JsonFlowLog:
+class JsonFlowLog(Sink):
     """A hub subscriber appending one JSON line per finished flow to ``path``.
 
     Stats: ``records`` (lines written), ``bytes_written``, ``drops`` and
@@ -145,6 +146,26 @@ class JsonFlowLog:
     @property
     def is_open(self) -> bool:
         return self._fh is not None
+
+    def stats(self) -> SinkStats:
+        reasons = (BUFFER_FULL, WRITE_ERROR)
+        return SinkStats(
+            name=self.name,
+            kind="flowlog",
+            connected=int(self.is_open),
+            buffered=self.buffered,
+            flows=0,
+            events={"flow": self.records},
+            bytes_sent=self.bytes_written,
+            drops=known(reasons, self.drops),
+            dropped_bytes=known(reasons, self.dropped_bytes),
+            detail={
+                "path": str(self.path),
+                "reopens": self.reopens,
+                "rotations": self.rotations,
+                "last_error": self.last_error,
+            },
+        )
 
     # -- lifecycle ---------------------------------------------------------------
 

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING
 
 from proxytap.errors import ConfigError
 from proxytap.export.channel import MIN_SNDBUF, OVERLOAD_POLICIES, Channel, Totals
+from proxytap.export.sink import Sink, SinkStats, known
 from proxytap.flows.table import UP, CloseReason, Endpoint, Flow
 from proxytap.proto.sftap import (
     LOOPBACK7_CHUNK,
@@ -73,6 +74,7 @@ log = logging.getLogger(__name__)
 NOT_CONNECTED = "not_connected"
 OVERSIZE = "oversize"
 CUT = "cut"
+DROP_REASONS = ("not_connected", "buffer_full", "max_wait", "overflow", "oversize", "cut")
 
 
 class _Live:
@@ -87,7 +89,7 @@ class _Live:
         self.cut = False  # ended for the abstractor after lost DATA (on_gap="cut")
 
 
-class Loopback7Writer:
+class Loopback7Writer(Sink):
     """A hub subscriber writing every flow into an abstractor's loopback7 socket.
 
     Stats: ``link_up``, ``connects``, ``reconnects`` (connections after the
@@ -230,6 +232,45 @@ class Loopback7Writer:
     @property
     def dropped_bytes(self) -> dict[str, int]:
         return _merged(self._dropped_bytes, self._totals().dropped_bytes)
+
+    def stats(self) -> SinkStats:
+        created, destroyed = self.created_sent, self.destroyed_sent
+        totals = self._totals()
+        return SinkStats(
+            name=self.name,
+            kind="loopback7",
+            connected=int(self.link_up),
+            buffered=self.buffered,
+            flows=self.flows,
+            events={
+                "created": created,
+                "data": totals.events_sent - created - destroyed,
+                "destroyed": destroyed,
+            },
+            bytes_sent=totals.bytes_sent,
+            drops=known(DROP_REASONS, _merged(self._drops, totals.drops)),
+            dropped_bytes=known(DROP_REASONS, _merged(self._dropped_bytes, totals.dropped_bytes)),
+            wait_seconds=self.wait_seconds,
+            partial_sends=totals.partial_sends,
+            sndbuf=self.effective_sndbuf,
+            link={
+                "link_up": self.link_up,
+                "reconnects": self.reconnects,
+                "connect_failures": self.connect_failures,
+                "reannounced": self.reannounced,
+            },
+            detail={
+                "path": self.path,
+                "format": "binary" if self.binary else "text",
+                "overload": self.overload,
+                "link_up": self.link_up,
+                "connects": self.connects,
+                "reconnects": self.reconnects,
+                "connect_failures": self.connect_failures,
+                "reannounced": self.reannounced,
+                "last_error": self.last_error,
+            },
+        )
 
     def _drop(self, reason: str, payload: int) -> None:
         self._drops[reason] = self._drops.get(reason, 0) + 1

@@ -72,6 +72,7 @@ from proxytap.export.channel import (
     Totals,
     size_sndbuf,
 )
+from proxytap.export.sink import Sink, SinkStats, known
 from proxytap.flows.table import UP, CloseReason, Endpoint, Flow
 from proxytap.proto.classify import DEFAULT, Classifier, interfaces
 from proxytap.proto.sftap import (
@@ -94,6 +95,7 @@ log = logging.getLogger(__name__)
 FORMATS = ("text", "binary")
 GAP_POLICIES = ("skip", "cut")
 CUT = "cut"
+DROP_REASONS = ("buffer_full", "max_wait", "overflow", "cut", "oversize")
 
 
 class Interface:
@@ -201,7 +203,7 @@ class _Flow:
         self.tcp = tcp
 
 
-class SftapServer:
+class SftapServer(Sink):
     """A hub subscriber serving ``<home>/tcp/<name>`` and ``<home>/udp/<name>``.
 
     ``formats`` maps ``"tcp/http"`` (or a balanced ``"tcp/http0"``) to "text"
@@ -472,6 +474,48 @@ class SftapServer:
     def flows(self) -> int:
         """Flows currently exported to at least one reader."""
         return len(self._flows)
+
+    def stats(self) -> SinkStats:
+        readers = self.readers
+        created, destroyed = self.created_sent, self.destroyed_sent
+        return SinkStats(
+            name=self.name,
+            kind="sftap",
+            connected=len(readers),
+            buffered=sum(r.buffered for r in readers),
+            flows=self.flows,
+            events={
+                "created": created,
+                "data": self.events_sent - created - destroyed,
+                "destroyed": destroyed,
+            },
+            bytes_sent=self.bytes_sent,
+            drops=known(DROP_REASONS, self.drops),
+            dropped_bytes=known(DROP_REASONS, self.dropped_bytes),
+            wait_seconds=self.wait_seconds,
+            partial_sends=self.partial_sends,
+            sndbuf=self.effective_sndbuf,
+            detail={
+                "home": str(self.home),
+                "overload": self.overload,
+                "readers": [
+                    {
+                        "interface": r.interface,
+                        "connected_at": r.connected_at,
+                        "buffered": r.buffered,
+                        "paused": r.paused,
+                        "waiting": r.channel.waiting,
+                        "flows": r.flows,
+                        "events_sent": r.events_sent,
+                        "bytes_sent": r.bytes_sent,
+                        "bytes_dropped": r.bytes_dropped,
+                        "drops": dict(r.drops),
+                        "sndbuf": r.channel.sndbuf,
+                    }
+                    for r in readers
+                ],
+            },
+        )
 
     # -- the hub's calls (hot path) ---------------------------------------------------
 
