@@ -59,8 +59,8 @@ from proxytap.export.sink import Sink, SinkStats, known
 from proxytap.flows.table import UP, CloseReason, Endpoint, Flow
 from proxytap.proto.sftap import (
     LOOPBACK7_CHUNK,
+    LOOPBACK7_REASONS,
     NO_VLAN,
-    REASONS,
     FlowHeaders,
     flow_key,
     split_payload,
@@ -444,7 +444,7 @@ class Loopback7Writer(Sink):
             self._drop(NOT_CONNECTED, 0)
             return
         ch.forget(flow)
-        if ch.control(live.headers.destroyed(REASONS[reason], now)):
+        if ch.control(live.headers.destroyed(LOOPBACK7_REASONS[reason], now)):
             self.destroyed_sent += 1
 
     def datagram(

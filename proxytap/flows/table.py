@@ -30,7 +30,8 @@ class CloseReason(enum.Enum):
     NORMAL = "normal"  # both sides closed
     RESET = "reset"  # a side aborted
     TIMEOUT = "timeout"  # idle timeout
-    ERROR = "error"  # proxy-side error (bad protocol, policy, shutdown)
+    ERROR = "error"  # proxy-side error (bad protocol, policy)
+    SHUTDOWN = "shutdown"  # still open when the proxy's shutdown grace ran out: reset
 
 
 class State(enum.Enum):

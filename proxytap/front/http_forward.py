@@ -325,8 +325,8 @@ class HttpForwarder(asyncio.Protocol):
         """Proxy shutdown: close now if ``force`` or idle, else after the current response."""
         if self.closed:
             return
-        if force:
-            self._close(CloseReason.NORMAL)
+        if force:  # still mid-exchange after the grace: reset both sides, say why
+            self._close(CloseReason.SHUTDOWN, reset_client=True)
             return
         self.draining = True
         if self.tunnel is None and not self.queue and not self.in_head:
@@ -1627,7 +1627,7 @@ class _Upstream(asyncio.Protocol):
             self.task.cancel()
             self.task = None
         if transport is not None and not transport.is_closing():
-            if reason is CloseReason.RESET:
+            if reason is CloseReason.RESET or reason is CloseReason.SHUTDOWN:
                 reset(transport)
             else:
                 transport.close()

@@ -280,12 +280,13 @@ class Relay:
         self._timer = asyncio.get_running_loop().call_later(self.idle, self._idle_check)
 
     def shutdown(self, force: bool) -> None:
-        """Proxy shutdown: a draining tunnel keeps going until ``force``."""
+        """Proxy shutdown: a draining tunnel keeps going until ``force``, then both sides
+        are reset, so neither peer takes the cut for a normal end."""
         if force:
-            self.finish(CloseReason.NORMAL)
+            self.finish(CloseReason.SHUTDOWN)
 
     def finish(self, reason: CloseReason, cause: _Side | None = None) -> None:
-        """Close both sides once; a reset on one side resets the other."""
+        """Close both sides once; a reset on one side resets the other; shutdown resets both."""
         if self.closed:
             return
         self.closed = True
@@ -296,7 +297,9 @@ class Relay:
             transport = side.rx
             if transport.is_closing():
                 continue
-            if reason is CloseReason.RESET and side is not cause:
+            if (reason is CloseReason.RESET and side is not cause) or (
+                reason is CloseReason.SHUTDOWN
+            ):
                 reset(transport)
             else:
                 transport.close()

@@ -73,7 +73,9 @@ DATA: Final = "DATA"
 
 EVENTS: Final = (CREATED, DESTROYED, DATA)
 MATCHES: Final = ("up", "down", "none")
-REASON_NAMES: Final = ("NORMAL", "RESET", "TIMEOUT", "COMPROMISED")
+#: SF-TAP's four reasons (binary codes 0-3), and SHUTDOWN (4): proxytap's own, for a
+#: flow the proxy reset because it was still open when its shutdown grace ran out.
+REASON_NAMES: Final = ("NORMAL", "RESET", "TIMEOUT", "COMPROMISED", "SHUTDOWN")
 
 #: Largest DATA chunk on a served flow socket: the binary ``len`` is 16 bits.
 SERVED_CHUNK: Final = 65535
@@ -82,15 +84,20 @@ LOOPBACK7_CHUNK: Final = 16384
 #: What ``vlan=`` carries when the flag is on: "no VLAN" for a VLAN-aware build.
 NO_VLAN: Final = -1
 
-#: How a proxy close maps to an SF-TAP reason. A proxy-side error (policy,
-#: protocol violation, shutdown) ends the flow abruptly, which analyzers know
-#: as RESET; SF-TAP has no better word for it.
+#: How a proxy close maps to an SF-TAP reason on served flow sockets. A
+#: proxy-side error (policy, protocol violation) ends the flow abruptly, which
+#: analyzers know as RESET; SF-TAP has no better word for it. A flow cut at
+#: shutdown says so (SHUTDOWN), so an analyzer can tell it from a peer's reset.
 REASONS: Final[dict[CloseReason, str]] = {
     CloseReason.NORMAL: "NORMAL",
     CloseReason.RESET: "RESET",
     CloseReason.TIMEOUT: "TIMEOUT",
     CloseReason.ERROR: "RESET",
+    CloseReason.SHUTDOWN: "SHUTDOWN",
 }
+#: The same for loopback7: the abstractor knows only its own four reasons (and
+#: re-emits NORMAL whatever it is sent, spec 4.9), so a shutdown goes in as RESET.
+LOOPBACK7_REASONS: Final[dict[CloseReason, str]] = {**REASONS, CloseReason.SHUTDOWN: "RESET"}
 
 HEADER_SIZE: Final = 64
 _HEADER = struct.Struct("=32sqq4sBBHBBBBB3x")
@@ -618,6 +625,7 @@ __all__ = [
     "DESTROYED",
     "HEADER_SIZE",
     "LOOPBACK7_CHUNK",
+    "LOOPBACK7_REASONS",
     "NO_VLAN",
     "REASONS",
     "SERVED_CHUNK",

@@ -278,7 +278,11 @@ def test_reasons() -> None:
         CloseReason.RESET: "RESET",
         CloseReason.TIMEOUT: "TIMEOUT",
         CloseReason.ERROR: "RESET",
+        CloseReason.SHUTDOWN: "SHUTDOWN",
     }
+    # the abstractor knows only its own four: a shutdown goes into loopback7 as RESET
+    assert sftap.LOOPBACK7_REASONS == {**sftap.REASONS, CloseReason.SHUTDOWN: "RESET"}
+    assert set(sftap.LOOPBACK7_REASONS.values()) <= set(sftap.REASON_NAMES[:4])
 
 
 # -- decoders: tables -------------------------------------------------------------
@@ -352,9 +356,11 @@ def test_decode_binary_rejects() -> None:
     with pytest.raises(ProtocolError):
         decode_binary(bytes(good[:63]))
     destroyed = bytearray(pack_destroyed(key, "RESET", 1.0))
-    destroyed[60] = 4
+    destroyed[60] = 5  # 0-3 are SF-TAP's reasons, 4 is proxytap's SHUTDOWN
     with pytest.raises(ProtocolError):
         decode_binary(bytes(destroyed))
+    destroyed[60] = 4
+    assert decode_binary(bytes(destroyed)).reason == "SHUTDOWN"
 
 
 # -- decoders: properties ---------------------------------------------------------
