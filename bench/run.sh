@@ -24,6 +24,8 @@ PEER_WORKLOADS=${BENCH_PEER_WORKLOADS:-$WORKLOADS}
 # weighs on them and on proxytap alike; their D still comes from the peer suite
 ROUND_PEERS=${BENCH_ROUND_PEERS-squid}
 EXPORT=${BENCH_EXPORT:-1}                # 0: skip the export-ON pass
+EXPORT_WAIT=${BENCH_EXPORT_WAIT:-1}      # 1: also an export-ON pass with --export-overload wait
+ADMIN_PORT=${BENCH_ADMIN_PORT:-13190}    # proxytap's admin server (export counters per process)
 HTTP_PORT=${BENCH_HTTP_PORT:-13180}
 SOCKS_PORT=${BENCH_SOCKS_PORT:-13181}
 VENV=$ROOT/.venv
@@ -265,6 +267,7 @@ start_proxytap() {
     PT_LABEL=$label
     PT_LOG="$OUT/proxytap-$label.log"
     "$PROXYTAP" run --http "127.0.0.1:$HTTP_PORT" --socks "127.0.0.1:$SOCKS_PORT" \
+        --admin "127.0.0.1:$ADMIN_PORT" \
         --log-level warning "${CONF_ARGS[@]}" "$@" >"$PT_LOG" 2>&1 </dev/null &
     PT_PID=$!
     for ((i = 0; i < 300; i++)); do
@@ -337,19 +340,21 @@ bench_one() {
     kill -0 "$PT_PID" 2>/dev/null || note "proxytap ($PT_LABEL) died during $name $wl (log: ${PT_LOG#"$ROOT"/})"
 }
 
-# pass_setup SUFFIX EXPORT(0|1): what the next start_with starts (export OFF, or ON + reader)
+# pass_setup SUFFIX EXPORT(0|1|2): what the next start_with starts (export OFF; ON + reader,
+# overload drop; ON + reader, overload wait)
 P_SFX=""
 P_EXP=0
 pass_setup() { P_SFX=$1; P_EXP=$2; }
 
 start_with() {  # start_with LABEL: proxytap (+ reader when export is on)
     local label=$1 home="$TMP/sftap-home" args=()
-    if [ "$P_EXP" = 1 ]; then
+    if [ "$P_EXP" != 0 ]; then
         rm -rf "$home"
         args=(--sftap-home "$home")
+        [ "$P_EXP" = 2 ] && args+=(--export-overload wait)
     fi
     start_proxytap "$label" "${args[@]}" || return 1
-    if [ "$P_EXP" = 1 ]; then
+    if [ "$P_EXP" != 0 ]; then
         if ! start_reader "$label" "$home"; then
             stop_proxytap
             return 1
@@ -357,8 +362,19 @@ start_with() {  # start_with LABEL: proxytap (+ reader when export is on)
         READERS+=("$OUT/reader-$label.json")
     fi
 }
-stop_both() { stop_reader; stop_proxytap; }
-on_off() { [ "$P_EXP" = 1 ] && echo ON || echo OFF; }
+# export_counters LABEL: what proxytap says it exported and dropped (its /metrics), kept
+# beside the reader's own count: the check that the reader got 100%
+export_counters() {
+    curl -s --max-time 5 "http://127.0.0.1:$ADMIN_PORT/metrics" 2>/dev/null |
+        grep -E '^proxytap_export_(sent_bytes|dropped_bytes|dropped_events|wait_seconds|partial_sends)_total' \
+            >"$OUT/export-$1.prom" || true
+}
+stop_both() {
+    [ "$P_EXP" != 0 ] && [ -n "${PT_LABEL:-}" ] && export_counters "$PT_LABEL"
+    stop_reader
+    stop_proxytap
+}
+on_off() { [ "$P_EXP" != 0 ] && echo ON || echo OFF; }
 
 # abc_round R: A/B/C for both kinds on one fresh process, one run (round R)
 abc_round() {
@@ -466,6 +482,11 @@ for ((round = 1; round <= RUNS; round++)); do
             note "export ON skipped: proxytap with --sftap-home did not start or served no flow sockets; results are export OFF only"
         fi
     fi
+    if [ "$EXPORT_OK" = 1 ] && [ "$EXPORT_WAIT" = 1 ]; then
+        log "== proxytap A/B/C round $round of $RUNS: flow export ON, overload wait (lossless)"
+        pass_setup "-wait" 2
+        abc_round "$round" || note "proxytap export-wait round $round aborted (see bench/out/proxytap-*.log)"
+    fi
     for p in "${!IN_ROUNDS[@]}"; do
         peer_round "$p" "$round"
     done
@@ -543,6 +564,7 @@ done
         echo
     fi
     "$PY3" "$ROOT/bench/summarize.py" summary "$OUT/all.json" --d-count "$D_COUNT" \
+        $(for c in "$OUT"/export-*.prom; do [ -f "$c" ] && printf -- '--counters %s ' "$c"; done) \
         "${READER_ARGS[@]}" || echo "(summarize.py failed)"
     echo
     echo "## proxytap problems seen"

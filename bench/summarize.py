@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 Row = dict[str, Any]
-ORDER = ("proxytap-http", "proxytap-http-export", "proxytap-socks5", "proxytap-socks5-export")
+ORDER = (
+    "proxytap-http",
+    "proxytap-http-export",
+    "proxytap-http-wait",
+    "proxytap-socks5",
+    "proxytap-socks5-export",
+    "proxytap-socks5-wait",
+)
 RATIO_KEYS = {"A": "rps", "B": "MBps", "C": "per_sec"}
 
 
@@ -94,7 +101,9 @@ def problems(rows: list[Row], d_count: int | None) -> list[str]:
     return out
 
 
-def summary(merged: Path, readers: list[Path], d_count: int | None) -> None:
+def summary(
+    merged: Path, readers: list[Path], d_count: int | None, counters: list[Path] | None = None
+) -> None:
     rows: list[Row] = json.loads(merged.read_text())["rows"]
     rat = {w: ratios(rows, w) for w in RATIO_KEYS}
     peers: list[str] = []
@@ -142,8 +151,13 @@ def summary(merged: Path, readers: list[Path], d_count: int | None) -> None:
     print("\n## Flow export: ON (`--sftap-home` + a reader on every socket) vs OFF\n")
     any_pair = False
     lines = []
-    for k in ("http", "socks5"):
-        off, on = f"proxytap-{k}", f"proxytap-{k}-export"
+    for k, sfx in (
+        ("http", "-export"),
+        ("socks5", "-export"),
+        ("http", "-wait"),
+        ("socks5", "-wait"),
+    ):
+        off, on = f"proxytap-{k}", f"proxytap-{k}{sfx}"
         b_off, b_on = med(rat["B"].get(off, [])), med(rat["B"].get(on, []))
         if b_off is None or b_on is None:
             continue
@@ -160,17 +174,19 @@ def summary(merged: Path, readers: list[Path], d_count: int | None) -> None:
         def more(a: float | None, b: float | None) -> str:
             return "-" if not a or b is None else f"{(b / a - 1) * 100:+.1f}%"
 
+        policy = "drop" if sfx == "-export" else "wait"
         lines.append(
-            f"| {k} | {f(b_off)} | {f(b_on)} | {cost(b_off, b_on)} | {f(c_off)} | {f(c_on)} "
-            f"| {cost(c_off, c_on)} | {f(e_off, 2)} | {f(e_on, 2)} | {more(e_off, e_on)} "
+            f"| {k} | {policy} | {f(b_off)} | {f(b_on)} | {cost(b_off, b_on)} "
+            f"| {f(c_off)} | {f(c_on)} | {cost(c_off, c_on)} "
+            f"| {f(e_off, 2)} | {f(e_on, 2)} | {more(e_off, e_on)} "
             f"| {f(d_off, 1)} | {f(d_on, 1)} |"
         )
     if any_pair:
         print(
-            "| kind | B x direct OFF | B ON | B cost | C x direct OFF | C ON | C cost "
+            "| kind | overload | B x direct OFF | B ON | B cost | C x direct OFF | C ON | C cost "
             "| E CPU s/GiB OFF | E ON | E extra | D KiB/tunnel OFF | D ON |"
         )
-        print("|" + "---|" * 12)
+        print("|" + "---|" * 13)
         print("\n".join(lines))
         print(
             "\nB/C cost = 1 - ON/OFF of the x-direct ratios (positive: slower with export). "
@@ -199,7 +215,7 @@ def summary(merged: Path, readers: list[Path], d_count: int | None) -> None:
         b_on = sum(
             r.get("bytes", 0)
             for r in rows
-            if r["workload"] == "B" and r["peer"].endswith("-export")
+            if r["workload"] == "B" and r["peer"].endswith(("-export", "-wait"))
         )
         if b_on:
             print(
@@ -210,9 +226,49 @@ def summary(merged: Path, readers: list[Path], d_count: int | None) -> None:
                 "the B/E export numbers then price a partial mirror, not a complete one."
             )
 
+    if counters:
+        print("\n### What proxytap exported and dropped, per export-ON process (its /metrics)\n")
+        print(
+            "| proxytap process | sent bytes (flow sockets) | dropped DATA bytes | dropped events "
+            "| wait s | partial sends |"
+        )
+        print("|---|---|---|---|---|---|")
+        for fn in counters:
+            c = read_counters(fn)
+            print(
+                f"| {fn.stem.removeprefix('export-')} | {c['sent']:,.0f} "
+                f"| {c['dropped_bytes']:,.0f} | {c['dropped_events']:,.0f} "
+                f"| {c['wait']:.2f} | {c['partial']:,.0f} |"
+            )
+        print(
+            "\nA reader that received 100%: 0 dropped DATA bytes (every event was written "
+            "whole into the reader's socket, and the reader read them all before it stopped)."
+        )
+
     probs = problems(rows, d_count)
     print("\n## Failed or degraded measurements\n")
     print("\n".join(f"* {p}" for p in probs) if probs else "None.")
+
+
+def read_counters(fn: Path) -> dict[str, float]:
+    """Sum proxytap's export counters (sink="sftap") from a scraped /metrics excerpt."""
+    names = {
+        "proxytap_export_sent_bytes_total": "sent",
+        "proxytap_export_dropped_bytes_total": "dropped_bytes",
+        "proxytap_export_dropped_events_total": "dropped_events",
+        "proxytap_export_wait_seconds_total": "wait",
+        "proxytap_export_partial_sends_total": "partial",
+    }
+    out = dict.fromkeys(names.values(), 0.0)
+    try:
+        text = fn.read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        if name in names and 'sink="sftap"' in rest:
+            out[names[name]] += float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def main() -> int:
@@ -225,11 +281,12 @@ def main() -> int:
     s.add_argument("merged", type=Path)
     s.add_argument("--reader", action="append", default=[], type=Path)
     s.add_argument("--d-count", type=int)
+    s.add_argument("--counters", action="append", default=[], type=Path)
     a = ap.parse_args()
     if a.cmd == "merge":
         merge(a.out, a.files)
     else:
-        summary(a.merged, a.reader, a.d_count)
+        summary(a.merged, a.reader, a.d_count, a.counters)
     return 0
 
 
