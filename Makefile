@@ -46,6 +46,7 @@ test: $(STAMP) lint
 	$(VENV)/bin/pytest -q $(ARGS)
 
 test-slow: $(STAMP)
+	tests/setup-tools.sh
 	$(VENV)/bin/pytest -q -m slow $(ARGS)
 
 fmt: $(STAMP)
