@@ -379,6 +379,7 @@ class State:
         self.payload_bytes = 0
         self.max_body = 0
         self.short_reads = 0
+        self.short_read_details: list[dict[str, Any]] = []  # the first MAX_ERRORS
         self.short_header_reads = 0
         self.data_without_created = 0
         self.data_without_created_bytes = 0
@@ -397,6 +398,8 @@ class State:
         self.close_reasons: list[str] = []
         self.first_byte: float | None = None
         self.last_byte: float | None = None
+        self.idle_seconds = 0.0  # time spent waiting for the next header (in select)
+        self.throttle_seconds = 0.0  # time spent sleeping for --throttle
         self.dirty = True
         self.last_write = 0.0
 
@@ -417,6 +420,7 @@ class State:
             "throttle_mbps": a.throttle,
             "stall_after": a.stall_after,
             "pid": os.getpid(),
+            "niceness": os.nice(0),
             "connected": self.connected,
             "eof": self.eof,
             "stalled": self.stalled,
@@ -428,6 +432,7 @@ class State:
             "payload_bytes": self.payload_bytes,
             "max_body_len": self.max_body,
             "short_reads": self.short_reads,
+            "short_read_details": self.short_read_details,
             "short_header_reads": self.short_header_reads,
             "data_without_created": self.data_without_created,
             "data_without_created_bytes": self.data_without_created_bytes,
@@ -441,6 +446,9 @@ class State:
             "close_reasons": self.close_reasons,
             "first_byte": self.first_byte,
             "last_byte": self.last_byte,
+            "idle_seconds": round(self.idle_seconds, 3),
+            "throttle_seconds": round(self.throttle_seconds, 3),
+            "cpu_seconds": round(time.process_time(), 3),
             "flows": {k: f.json() for k, f in self.flows.items()},
         }
 
@@ -548,11 +556,14 @@ class Conn:
             ahead = self._t0 + st.bytes_total / self.rate - now
             if ahead > 0:
                 time.sleep(ahead)
+                st.throttle_seconds += ahead
 
     def wait_readable(self) -> None:
         """Block until the socket has something (EOF included); write news while idle."""
         while True:
+            t = time.monotonic()
             ready, _, _ = select.select([self.fd], [], [], IDLE_FLUSH)
+            self.st.idle_seconds += time.monotonic() - t
             if ready:
                 return
             if self.st.dirty:
@@ -629,6 +640,13 @@ class Conn:
         if len(body) == want:
             return body
         st.short_reads += 1
+        if len(st.short_read_details) < MAX_ERRORS:
+            # where the read stopped says who split the message: a writer's send boundary,
+            # or the kernel's (an AF_UNIX stream send is queued in sk_buffs of at most
+            # about 36 KiB; a reader woken by the first may read before the next is queued)
+            st.short_read_details.append(
+                {"message": st.messages, "len": want, "got": len(body), "key": h.key}
+            )
         if rec is not None:
             rec.short_reads += 1
         if st.mode == "loopback7":
@@ -813,7 +831,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--throttle", type=float, metavar="MBPS", help="read at most MBPS*10^6 B/s")
     p.add_argument("--stall-after", type=int, metavar="BYTES", help="stop reading after BYTES")
     p.add_argument("--out", metavar="FILE", help="JSON summary")
+    p.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add N to the scheduling niceness (negative: more CPU; needs privilege, "
+        "silently not applied without it; the summary says what was applied)",
+    )
     args = p.parse_args(argv)
+    if args.nice:
+        with contextlib.suppress(PermissionError):
+            os.nice(args.nice)
     if args.mode == "loopback7" and (args.throttle or args.stall_after is not None):
         p.error("--throttle and --stall-after are reader options")
     st = State(args)

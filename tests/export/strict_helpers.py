@@ -65,6 +65,7 @@ class Consumer:
         fmt: str = "text",
         throttle: float | None = None,
         stall_after: int | None = None,
+        nice: int = 0,
     ) -> None:
         self.mode = mode
         self.path = str(path)
@@ -85,6 +86,8 @@ class Consumer:
             argv += ["--throttle", str(throttle)]
         if stall_after is not None:
             argv += ["--stall-after", str(stall_after)]
+        if nice:
+            argv += ["--nice", str(nice)]
         self.argv = argv
         self.proc: subprocess.Popen[bytes] | None = None
         self.final: dict[str, Any] | None = None
