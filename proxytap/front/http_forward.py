@@ -127,6 +127,22 @@ from proxytap.modules.api import Context
 from proxytap.policy.auth import parse_proxy_authorization, proxy_authenticate_header
 from proxytap.policy.headers import ORIGIN_FORM_REASON, RequestHead, serialize
 from proxytap.proto import httpconnect
+from proxytap.proto.http1 import (
+    CRLF,
+    END_CHUNKED,
+    Body,
+    chunk,
+    chunk_size_line,
+    interim_head,
+    is_close_delimited,
+    last_chunk,
+    request_body,
+    request_framing_field,
+    request_head,
+    response_body,
+    response_framing_field,
+    response_head,
+)
 
 if TYPE_CHECKING:
     from proxytap.export.hub import Hub
@@ -140,8 +156,6 @@ CACHE_HEAD: Final = 4096  # request heads up to this size are memoized by the he
 
 __all__ = ["LINGER", "MAX_IDLE_UPSTREAMS", "ORIGIN_FORM_REASON", "HttpForwarder"]
 
-_CRLF: Final = b"\r\n"
-_LAST_CHUNK: Final = b"0\r\n"
 _IDEMPOTENT: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 _VERSIONS: Final = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
 
@@ -149,12 +163,12 @@ _VERSIONS: Final = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
 _ORIGIN_KEYS: Final = {c: (f"{c}xx", "origin") for c in range(10)}
 _PROXY_KEYS: Final = {c: (f"{c}xx", "proxy") for c in range(10)}
 
-# how a response body goes to the client
-_NONE: Final = 0  # no body
-_RAW: Final = 1  # as received: Content-Length, chunked, close-delimited to HTTP/1.0
-_WRAP: Final = 2  # close-delimited from the origin, chunked to an HTTP/1.1 client
-_DECHUNK: Final = 3  # chunked from the origin, close-delimited to an HTTP/1.0 client
-_RECHUNK: Final = 4  # chunked both ways, but de-chunked for body modules and chunked again
+# how a response body goes to the client (module globals: compared per chunk)
+_NONE: Final = Body.NONE
+_RAW: Final = Body.RAW
+_WRAP: Final = Body.WRAP
+_DECHUNK: Final = Body.DECHUNK
+_RECHUNK: Final = Body.RECHUNK
 
 
 class _BadResponse(Exception):
@@ -182,21 +196,14 @@ def _wire(head: RequestHead, changed: bool = False) -> bytes:
 
     ``changed``: modules changed the head (its fields are serialized afresh).
     """
-    out = [
+    return request_head(
         head.method,
-        b" ",
         head.path,
-        b" HTTP/1.1\r\nHost: ",
         head.authority,
-        _CRLF,
         serialize(head.headers) if changed else head.serialized(),
-    ]
-    if head.codings:
-        out += (b"Transfer-Encoding: ", head.codings, _CRLF)
-    if head.websocket:
-        out.append(b"Connection: Upgrade\r\n")
-    out.append(_CRLF)
-    return b"".join(out)
+        head.codings,
+        head.websocket,
+    )
 
 
 _wires: dict[int, tuple[RequestHead, bytes]] = {}  # id(shared head) -> its bytes
@@ -502,7 +509,7 @@ class HttpForwarder(asyncio.Protocol):
             if not body:
                 return
         if req.chunked:
-            body = b"%x\r\n%b\r\n" % (len(body), body)
+            body = chunk(body)
         self._send_up(req, body)
 
     def _filter_body(self, req: _Request, body: bytes) -> bytes:
@@ -537,11 +544,7 @@ class HttpForwarder(asyncio.Protocol):
         self.parsing = None
 
     def _last_chunk(self, req: _Request, trailers: list[tuple[bytes, bytes]]) -> None:
-        last = [_LAST_CHUNK]
-        for name, value in trailers:
-            last += (name, b": ", value, _CRLF)
-        last.append(_CRLF)
-        self._send_up(req, b"".join(last))
+        self._send_up(req, last_chunk(trailers))
 
     @staticmethod
     def _has_body(req: _Request) -> bool:
@@ -622,7 +625,7 @@ class HttpForwarder(asyncio.Protocol):
             for body in held:
                 body = self._filter_body(req, body)
                 if body:
-                    self._send_up(req, b"%x\r\n%b\r\n" % (len(body), body) if req.chunked else body)
+                    self._send_up(req, chunk(body) if req.chunked else body)
             if req.held_end:
                 self._last_chunk(req, req.trailers)
 
@@ -692,11 +695,7 @@ class HttpForwarder(asyncio.Protocol):
             return
         # an upgrade we do not relay, with a body: parse the body with a fresh parser
         self.synthetic = True
-        framing = (
-            b"Transfer-Encoding: chunked"
-            if req.chunked
-            else b"Content-Length: %d" % max(req.to.length, 0)
-        )
+        framing = request_framing_field(request_body(req.to.length, req.chunked), req.to.length)
         self._feed(b"POST / HTTP/1.1\r\n" + framing + b"\r\n\r\n")
         if rest and not self.closed:
             self._feed(rest)
@@ -1347,9 +1346,9 @@ class _Upstream(asyncio.Protocol):
                 data = self._filter(data, False)
             if data:
                 fwd = self.fwd
-                fwd.write(b"%x\r\n" % len(data))
+                fwd.write(chunk_size_line(len(data)))
                 fwd.write(data)
-                fwd.write(_CRLF)
+                fwd.write(CRLF)
         # _DECHUNK, _RECHUNK: llhttp's on_body writes; _NONE: no body
 
     def _filter(self, data: bytes, same_length: bool) -> bytes:
@@ -1428,9 +1427,9 @@ class _Upstream(asyncio.Protocol):
                     return
             if mode == _RECHUNK:
                 fwd = self.fwd
-                fwd.write(b"%x\r\n" % len(body))
+                fwd.write(chunk_size_line(len(body)))
                 fwd.write(body)
-                fwd.write(_CRLF)
+                fwd.write(CRLF)
             else:
                 self.fwd.write(body)
 
@@ -1457,7 +1456,8 @@ class _Upstream(asyncio.Protocol):
             raise _BadResponse.of(exc) from None
         except Exception as exc:  # a bug in a rule: fail closed, logged and counted
             raise _BadResponse.of(chain.failed(chain.names[1][0], "response", exc)) from None
-        if status < 200:
+        mode = response_body(req.method, status, h.length, h.chunked, req.http10, self.filters)
+        if mode >= Body.INTERIM:  # 1xx (the forwarder never sends CONNECT upstream)
             self._interim(req, status, line, block)
             return
         self.in_head = False
@@ -1465,38 +1465,15 @@ class _Upstream(asyncio.Protocol):
         req.status = status
         fwd.services.stats.http_responses[_ORIGIN_KEYS[status // 100]] += 1
         self.upkeep = parser.should_keep_alive() and not (h.http10 and h.codings)
-        self.close_delimited = False
-        self.body_left = -1
+        self.close_delimited = is_close_delimited(mode, h.length, h.chunked)
+        self.body_left = h.length if mode == _RAW else -1
         self.ctx = req.ctx
-        extra = b""
-        if req.is_head or status == 204 or status == 304:
-            mode = _NONE
-        elif h.length >= 0:
-            mode = _RAW
-            self.body_left = h.length
-        elif h.chunked:
-            mode = _DECHUNK if req.http10 else _RECHUNK if self.filters else _RAW
-            if mode != _DECHUNK:
-                extra = b"Transfer-Encoding: " + h.codings + _CRLF
-        else:  # the body ends when the origin closes
-            self.close_delimited = True
-            mode = _RAW if req.http10 else _WRAP
-            if mode == _WRAP:
-                codings = h.codings + b", chunked" if h.codings else b"chunked"
-                extra = b"Transfer-Encoding: " + codings + _CRLF
         self.mode = mode
         keep = req.keep_alive and req.done and not fwd.draining and not fwd.services.draining
         req.keep = keep
-        head = b"".join(
-            (
-                line,
-                _CRLF,
-                block,
-                extra,
-                b"Connection: keep-alive\r\n\r\n" if keep else b"Connection: close\r\n\r\n",
-            )
+        fwd.write(
+            response_head(line, block, response_framing_field(mode, h.chunked, h.codings), keep)
         )
-        fwd.write(head)
         req.responded = True
         if req.is_head:  # llhttp would wait for a body: a new parser for the next response
             self.parser = httptools.HttpResponseParser(self.events)
@@ -1513,12 +1490,9 @@ class _Upstream(asyncio.Protocol):
             req.responded = True
             self.switching = True
             fwd.services.stats.http_responses[_ORIGIN_KEYS[1]] += 1
-            head = b"".join((line, _CRLF, block, b"Connection: Upgrade\r\n\r\n"))
         elif req.http10:
             return
-        else:
-            head = b"".join((line, _CRLF, block, _CRLF))
-        fwd.write(head)
+        fwd.write(interim_head(line, block, status == 101))
 
     def message_complete(self) -> None:
         if self.interim:
@@ -1532,7 +1506,7 @@ class _Upstream(asyncio.Protocol):
     def _done(self, req: _Request) -> None:
         """The response is complete (the forwarder acts on it after this read)."""
         if self.mode in (_WRAP, _RECHUNK):
-            self.fwd.write(b"0\r\n\r\n")
+            self.fwd.write(END_CHUNKED)
         self.mode = _NONE
         self.req = None
         self.completed = req
