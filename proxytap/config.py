@@ -24,7 +24,6 @@ from proxytap.policy.acl import AccessConfig
 from proxytap.policy.auth import AuthConfig
 from proxytap.policy.headers import HttpConfig
 
-ListenerKind = Literal["http", "socks", "mixed"]
 LISTENER_KINDS = ("http", "socks", "mixed")
 
 

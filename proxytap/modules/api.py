@@ -46,7 +46,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from proxytap.errors import ProtocolError
-from proxytap.policy.headers import RequestHead, ResponseHead
+from proxytap.policy.message import RequestHead, ResponseHead
 
 if TYPE_CHECKING:
     from proxytap.flows.table import Flow

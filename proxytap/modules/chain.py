@@ -10,7 +10,8 @@ from typing import Any
 from proxytap.errors import ProtocolError
 from proxytap.modules.api import Context, ModuleError
 from proxytap.modules.builtin import Rewrite, Validate
-from proxytap.policy.headers import HeaderRules, RequestHead, ResponseHead
+from proxytap.policy.headers import HeaderRules
+from proxytap.policy.message import RequestHead, ResponseHead
 
 log = logging.getLogger("proxytap.modules")
 
@@ -29,7 +30,8 @@ def _hooks(modules: Sequence[Any], hook: str) -> tuple[tuple[str, Hook], ...]:
 class Chain:
     """The modules of one listener: ``client_to_server`` and ``server_to_client`` lists.
 
-    ``validate`` is first in both (the config makes sure). Request heads and
+    ``validate`` is first in both (the config makes sure) and is no hook: the
+    caller has validated every head before the chain sees it. Request heads and
     client-to-server bytes go through the first list, response heads and
     server-to-client bytes through the second; ``on_connect`` and ``on_close``
     run for every module of either list, once. ``rewrite_requests`` /

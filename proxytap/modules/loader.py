@@ -84,7 +84,7 @@ def load_module(name: str, config: Config, key: str) -> Any:
 
 def build_chains(config: Config, rules: HeaderRules, errors: Counter[str]) -> dict[str, Chain]:
     """Every listener's chain; each named module is loaded once and shared."""
-    loaded: dict[str, Any] = {"validate": Validate(rules), "rewrite": Rewrite(rules)}
+    loaded: dict[str, Any] = {"validate": Validate(), "rewrite": Rewrite(rules)}
     chains = {}
     used: set[str] = set()
     for i, listener in enumerate(config.listeners):

@@ -1,12 +1,13 @@
 """HTTP/1 header rules: the one place request and response heads are judged and rewritten.
 
-Pure functions over plain data: a head is a method (or status), a target, a
-version and a list of ``(name, value)`` pairs, all ``bytes`` (``str`` is
-accepted at the entry points and encoded as latin-1). No sockets, no parser
-types: the plain-HTTP forwarder calls this with what llhttp parsed, the
-CONNECT handshake with what ``proxytap.proto.httpconnect`` parsed, and the
-interception path will call it with what mitmproxy parsed. Two steps, the two
-built-in modules of ``proxytap.modules``:
+Pure functions over plain data: heads are ``proxytap.policy.message``'s
+``RequestHead`` / ``ResponseHead``; where a request goes is worked out by
+``proxytap.policy.target``; heads judged before are remembered by
+``proxytap.policy.cache`` (``prepare_request`` / ``prepare_response``). No
+sockets, no parser types: the plain-HTTP forwarder calls this with what llhttp
+parsed, the CONNECT handshake with what ``proxytap.proto.httpconnect`` parsed,
+and the interception path will call it with what mitmproxy parsed. Two steps,
+the two built-in modules of ``proxytap.modules``:
 
 ``validate`` (always first, never optional)
     Checks a head and puts it in the shape a correct intermediary forwards:
@@ -58,9 +59,9 @@ Decisions (requests: the status the client gets)
     * CONNECT (authority-form): ``Transfer-Encoding`` or a non-zero
       ``Content-Length``: 400 (a CONNECT request has no content; what follows
       its head is tunnel data). ``Host`` is not compared with the authority.
-    * Targets: origin-form and asterisk-form: 400 (a forward proxy, not a
-      reverse proxy); ``https://`` and other schemes: 501; userinfo, a bad host
-      or port: 400.
+    * Targets (``proxytap.policy.target``): origin-form and asterisk-form: 400
+      (a forward proxy, not a reverse proxy); ``https://`` and other schemes:
+      501; userinfo, a bad host or port: 400.
 
 Decisions (responses from the origin: the client gets 502)
     Version, field syntax, field count, ``Content-Length`` and
@@ -91,21 +92,33 @@ Rewriting
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from proxytap.errors import ConfigError, ProtocolError
+from proxytap.errors import ConfigError
+from proxytap.policy.cache import RequestMemo, ResponseMemo
 from proxytap.policy.hopbyhop import (
     HOP_BY_HOP,
     connection_tokens,
     is_websocket_upgrade,
     strip_hop_by_hop,
 )
+from proxytap.policy.message import (
+    RESPONSE_TOO_BIG,
+    Fields,
+    RequestHead,
+    ResponseHead,
+    as_bytes,
+    remove_fields,
+    request_error,
+    response_error,
+    serialize,
+    split_head,
+)
+from proxytap.policy.target import ORIGIN_FORM_REASON, Target, parse_host, parse_target
 from proxytap.proto.httpconnect import parse_authority
-from proxytap.proto.socks import normalize_host
 
 __all__ = [
     "CODINGS",
@@ -114,6 +127,12 @@ __all__ = [
     "HeaderRule",
     "HeaderRules",
     "HttpConfig",
+]
+# Transitional: proxytap/front/* (being restructured) still imports these from here.
+# Everything else imports them from their homes, proxytap.policy.message and
+# proxytap.policy.target; drop them once front/ does too.
+__all__ += [
+    "ORIGIN_FORM_REASON",
     "RequestHead",
     "ResponseHead",
     "Target",
@@ -138,22 +157,12 @@ FORWARDED_FOR: Final = ("on", "off", "truncate", "delete")
 RULE_ACTIONS: Final = ("remove", "add", "set")
 CODINGS: Final = frozenset((b"chunked", b"gzip", b"deflate", b"compress", b"x-gzip", b"x-compress"))
 
-ORIGIN_FORM_REASON: Final = (
-    "proxytap is a forward proxy, not a reverse proxy: "
-    "the request target must be an absolute http:// URI"
-)
-
-REQUEST_ERROR: Final = "http_request_error"
-RESPONSE_ERROR: Final = "http_protocol_error"
-RESPONSE_TOO_BIG: Final = "http_response_header_section_size"
-
 _TCHARS: Final = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
 _TOKEN: Final = re.compile(rb"[" + _TCHARS + rb"]+")
 _NAMES: Final = re.compile(rb"[" + _TCHARS + rb"]+(?::[" + _TCHARS + rb"]+)*")  # joined by ":"
 _BAD_VALUE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _FOLD: Final = re.compile(rb"\r?\n[ \t]")
 _DIGITS: Final = re.compile(rb"[0-9]{1,18}")
-_VISIBLE: Final = re.compile(rb"[\x21-\x7e]+")
 _OWS_EDGE: Final = re.compile(rb"[ \t]\t|\t[ \t]|^[ \t]|[ \t]$")
 _PATH: Final = re.compile(rb"(?:/[\x21-\x7e]*|\*)")
 _VERSIONS: Final = {b"HTTP/1.1": False, b"HTTP/1.0": True}  # -> is HTTP/1.0
@@ -176,331 +185,6 @@ _FORWARDED: Final = b"forwarded"
 _SPECIAL: Final = frozenset((_CL, _TE, _HOST, _PROXY_AUTH, _EXPECT)) | {
     n.encode() for n in HOP_BY_HOP
 }
-
-Fields = list[tuple[bytes, bytes]]
-
-
-def as_bytes(headers: Iterable[tuple[bytes | str, bytes | str]]) -> Fields:
-    """A header list as ``bytes`` pairs (``str`` encoded as latin-1)."""
-    return [
-        (
-            n.encode("latin-1") if isinstance(n, str) else n,
-            v.encode("latin-1") if isinstance(v, str) else v,
-        )
-        for n, v in headers
-    ]
-
-
-def _b(text: bytes | str) -> bytes:
-    return text.encode("latin-1") if isinstance(text, str) else text
-
-
-def serialize(fields: Iterable[tuple[bytes, bytes]]) -> bytes:
-    """``name: value\\r\\n`` for each field."""
-    return b"".join(b"%s: %s\r\n" % field for field in fields)
-
-
-def split_head(raw: bytes) -> tuple[bytes, Fields]:
-    """Start line and fields of a raw head as a strict parser (llhttp) accepted it.
-
-    ``raw`` ends with the blank line; lines end with CRLF; values come back
-    without their leading OWS and with their trailing OWS, as llhttp hands them
-    over (validation strips and judges it). A line without a colon becomes a
-    field with an empty name, which validation rejects.
-    """
-    lines = raw.split(b"\r\n")
-    fields = []
-    for line in lines[1:-2]:
-        name, _, value = line.partition(b":")
-        fields.append((name, value.lstrip(_OWS)))
-    return lines[0], fields
-
-
-def _request_error(
-    reason: str, status: int = 400, proxy_status: str = REQUEST_ERROR
-) -> ProtocolError:
-    return ProtocolError(reason, status=status, proxy_status=proxy_status)
-
-
-def _response_error(reason: str, proxy_status: str = RESPONSE_ERROR) -> ProtocolError:
-    return ProtocolError(reason, status=502, proxy_status=proxy_status)
-
-
-# -- request targets ------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """Where an absolute-form URI points and what goes upstream."""
-
-    host: str  # normalized (lower case, IP literals canonical, no brackets)
-    port: int
-    authority: bytes  # the Host value, as the URI spelled it
-    path: bytes  # origin-form (or "*" for OPTIONS)
-
-
-_SCHEME: Final = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*")
-
-
-def parse_target(url: bytes, method: bytes) -> Target:
-    """Check an absolute-form request target; raises ``ProtocolError``.
-
-    The authority is parsed once per distinct value (memoized); the rest of the
-    URI is cut off as it is (characters checked, the fragment dropped).
-    """
-    if url.startswith(b"/"):
-        raise _request_error(ORIGIN_FORM_REASON)
-    if url == b"*":
-        raise _request_error("asterisk-form is for origin servers: " + ORIGIN_FORM_REASON)
-    if _VISIBLE.fullmatch(url) is None:
-        raise _request_error("invalid character in request target")
-    scheme, sep, rest = url.partition(b"://")
-    if not sep or _SCHEME.fullmatch(scheme) is None:
-        raise _request_error("invalid request target")
-    scheme = scheme.lower()
-    if scheme != b"http":
-        if scheme == b"https":
-            raise _request_error(
-                "https:// URLs go through a CONNECT tunnel, not a plain request", 501
-            )
-        raise _request_error("only http:// URLs are forwarded", 501)
-    end = len(rest)
-    for sep in (b"/", b"?", b"#"):
-        i = rest.find(sep, 0, end)
-        if i >= 0:
-            end = i
-    authority = rest[:end]
-    host, port = _http_authority(authority)
-    path = rest[end:]
-    if b"#" in path:
-        path = path.partition(b"#")[0]
-    if not path:
-        path = b"*" if method == b"OPTIONS" else b"/"
-    elif path[0] == 0x3F:  # "?"
-        path = b"/" + path
-    return Target(host, port, authority, path)
-
-
-@functools.lru_cache(maxsize=1024)
-def _http_authority(authority: bytes) -> tuple[str, int]:
-    """``host[:port]`` of an http URI: normalized host, port (80 when absent)."""
-    if b"@" in authority:
-        raise _request_error("userinfo is not allowed in an http URI")
-    if authority.startswith(b"["):
-        host, bracket, rest = authority[1:].partition(b"]")
-        if not bracket or b":" not in host:
-            raise _request_error("invalid host in request target")
-    else:
-        host, colon, port_text = authority.partition(b":")
-        rest = colon + port_text
-    port = 80
-    if rest:
-        digits = rest[1:]
-        if rest[:1] != b":" or not digits.isdigit() or len(digits) > 5:
-            raise _request_error("invalid port in request target")
-        port = int(digits)
-        if not 1 <= port <= 65535:
-            raise _request_error("invalid port in request target")
-    checked = normalize_host(host.decode("ascii")) if host else None  # _VISIBLE: ASCII
-    if checked is None:
-        raise _request_error("invalid host in request target")
-    return checked[0], port
-
-
-@functools.lru_cache(maxsize=1024)
-def parse_host(value: bytes) -> tuple[str, int | None] | None:
-    """A ``Host`` value as ``(host, port or None)``; ``None`` when it is not one."""
-    text = value.decode("latin-1")
-    if text.startswith("["):
-        host, bracket, rest = text[1:].partition("]")
-        if not bracket or ":" not in host:
-            return None
-    else:
-        host, colon, port_text = text.partition(":")
-        rest = colon + port_text
-    port: int | None = None
-    if rest:
-        digits = rest[1:]
-        if rest[0] != ":":
-            return None
-        if digits:  # "host:" (an empty port) means the default one
-            if not (digits.isascii() and digits.isdigit()) or len(digits) > 5:
-                return None
-            port = int(digits)
-            if not 1 <= port <= 65535:
-                return None
-    checked = normalize_host(host)
-    if checked is None:
-        return None
-    return checked[0], port
-
-
-# -- heads ----------------------------------------------------------------------------
-
-
-class RequestHead:
-    """A request head as plain data: what validate reads and rewrite and modules change.
-
-    Filled by validate: ``host``, ``port``, ``authority`` (where it goes),
-    ``path`` (origin-form; modules may change it), ``length`` (-1: none),
-    ``chunked`` and ``codings`` (the Transfer-Encoding list, ``b""`` for
-    none), ``websocket``, ``close`` (``Connection: close``) and
-    ``credentials`` (the ``Proxy-Authorization`` value). ``headers`` then holds
-    end-to-end fields only.
-    """
-
-    __slots__ = (
-        "authority",
-        "block",
-        "chunked",
-        "client",
-        "close",
-        "codings",
-        "credentials",
-        "headers",
-        "host",
-        "length",
-        "method",
-        "path",
-        "port",
-        "target",
-        "version",
-        "websocket",
-    )
-
-    def __init__(
-        self,
-        method: bytes | str,
-        target: bytes | str,
-        version: bytes | str,
-        headers: Iterable[tuple[bytes | str, bytes | str]],
-        client: str | None = None,
-    ) -> None:
-        self.method = _b(method)
-        self.target = _b(target)
-        self.version = _b(version)
-        if isinstance(headers, list) and (not headers or type(headers[0][0]) is bytes):
-            self.headers: Fields = list(headers)  # bytes already (the forwarder's case)
-        else:
-            self.headers = as_bytes(headers)
-        self.block: bytes | None = None  # serialized(), once; None after a change
-        self.client = client  # the client's address, for Forwarded / X-Forwarded-For
-        self.host = ""
-        self.port = 0
-        self.authority = b""
-        self.path = b""
-        self.length = -1
-        self.chunked = False
-        self.codings = b""
-        self.websocket = False
-        self.close = False
-        self.credentials: bytes | None = None
-
-    @property
-    def http10(self) -> bool:
-        return self.version == b"HTTP/1.0"
-
-    def copy(self) -> RequestHead:
-        other = RequestHead.__new__(RequestHead)
-        for name in RequestHead.__slots__:
-            setattr(other, name, getattr(self, name))
-        other.headers = list(self.headers)
-        other.block = None
-        return other
-
-    def retarget(self, target: bytes) -> RequestHead:
-        """A copy for another target (``headers`` shared, not copied); routing unset."""
-        other = RequestHead.__new__(RequestHead)
-        other.method = self.method
-        other.target = target
-        other.version = self.version
-        other.headers = self.headers
-        other.block = self.block
-        other.client = self.client
-        other.host, other.port, other.authority, other.path = "", 0, b"", b""
-        other.length = self.length
-        other.chunked = self.chunked
-        other.codings = self.codings
-        other.websocket = self.websocket
-        other.close = self.close
-        other.credentials = self.credentials
-        return other
-
-    def serialized(self) -> bytes:
-        """``headers`` as ``name: value CRLF`` lines (kept: heads from the memo share it)."""
-        block = self.block
-        if block is None:
-            block = self.block = serialize(self.headers)
-        return block
-
-    # helpers for modules
-    def get(self, name: bytes | str) -> bytes | None:
-        return _get(self.headers, name)
-
-    def get_all(self, name: bytes | str) -> list[bytes]:
-        key = _b(name).lower()
-        return [v for n, v in self.headers if n.lower() == key]
-
-    def remove(self, name: bytes | str) -> None:
-        self.headers = _remove(self.headers, name)
-
-    def add(self, name: bytes | str, value: bytes | str) -> None:
-        self.headers.append((_b(name), _b(value)))
-
-    def set(self, name: bytes | str, value: bytes | str) -> None:
-        self.headers = _remove(self.headers, name)
-        self.headers.append((_b(name), _b(value)))
-
-
-class ResponseHead:
-    """A response head as plain data; validate fills ``length``, ``chunked``, ``codings``."""
-
-    __slots__ = ("chunked", "codings", "headers", "length", "reason", "status", "version")
-
-    def __init__(
-        self,
-        status: int,
-        version: bytes | str,
-        headers: Iterable[tuple[bytes | str, bytes | str]],
-        reason: bytes | str = b"",
-    ) -> None:
-        self.status = status
-        self.version = _b(version)
-        self.reason = _b(reason)
-        self.headers: Fields = as_bytes(headers)
-        self.length = -1
-        self.chunked = False
-        self.codings = b""
-
-    @property
-    def http10(self) -> bool:
-        return self.version == b"HTTP/1.0"
-
-    def copy(self) -> ResponseHead:
-        other = ResponseHead.__new__(ResponseHead)
-        for name in ResponseHead.__slots__:
-            setattr(other, name, getattr(self, name))
-        other.headers = list(self.headers)
-        return other
-
-    get = RequestHead.get
-    get_all = RequestHead.get_all
-    remove = RequestHead.remove
-    add = RequestHead.add
-    set = RequestHead.set
-
-
-def _get(fields: Sequence[tuple[bytes, bytes]], name: bytes | str) -> bytes | None:
-    key = _b(name).lower()
-    for n, v in fields:
-        if n.lower() == key:
-            return v
-    return None
-
-
-def _remove(fields: Sequence[tuple[bytes, bytes]], name: bytes | str) -> Fields:
-    key = _b(name).lower()
-    return [(n, v) for n, v in fields if n.lower() != key]
 
 
 # -- configuration --------------------------------------------------------------------
@@ -549,7 +233,7 @@ class HeaderRule:
 
     def apply(self, fields: Fields) -> Fields:
         if self.action != "add":
-            fields = _remove(fields, self.name)
+            fields = remove_fields(fields, self.name)
         if self.action != "remove":
             fields.append((self.name, self.value))
         return fields
@@ -592,12 +276,6 @@ class HttpConfig:
         )
 
 
-# -- the rules ------------------------------------------------------------------------
-
-_CACHE_MAX: Final = 256  # prepared heads kept per rules object
-_CACHE_HEAD: Final = 4096  # heads larger than this are not cached
-
-
 class HeaderRules:
     """The compiled header rules of one configuration."""
 
@@ -621,9 +299,9 @@ class HeaderRules:
         self.max_head = max_head
         self.max_request_line = max_request_line
         self.max_headers = max_headers
-        self._requests: dict[tuple[Any, ...], RequestHead] = {}
-        self._shapes: dict[tuple[Any, ...], tuple[RequestHead, bytes | None, int]] = {}
-        self._responses: dict[tuple[bytes, int, bool], tuple[bytes, ResponseHead, bytes]] = {}
+        # heads judged before (proxytap.policy.cache): prepare_request / prepare_response
+        self.request_memo = RequestMemo()
+        self.response_memo = ResponseMemo()
 
     @classmethod
     def from_config(
@@ -654,8 +332,8 @@ class HeaderRules:
         as ``name: value CRLF`` lines (before stripping)."""
         if len(fields) > self.max_headers:
             if request:
-                raise _request_error("too many header fields", 431)
-            raise _response_error("too many header fields in the response", RESPONSE_TOO_BIG)
+                raise request_error("too many header fields", 431)
+            raise response_error("too many header fields in the response", RESPONSE_TOO_BIG)
         if not fields:
             return fields, 0
         names = b":".join([n for n, _ in fields])  # one match for all: ":" is no tchar
@@ -663,8 +341,8 @@ class HeaderRules:
             bad = next(n for n, _ in fields if _TOKEN.fullmatch(n) is None)
             why = "obsolete line folding" if bad[:1] in (b" ", b"\t") else "invalid header name"
             if request:
-                raise _request_error(why)
-            raise _response_error(f"{why} in the response")
+                raise request_error(why)
+            raise response_error(f"{why} in the response")
         values = b"\t".join([v for _, v in fields])
         if _BAD_VALUE.search(values) is not None:
             why = (
@@ -673,8 +351,8 @@ class HeaderRules:
                 else "invalid character in header value"
             )
             if request:
-                raise _request_error(why)
-            raise _response_error(f"{why} in the response")
+                raise request_error(why)
+            raise response_error(f"{why} in the response")
         size = len(names) + len(values) + 2 * len(fields) + 2  # + ": " and CRLF, - separators
         if _OWS_EDGE.search(values) is not None:
             stripped = []
@@ -682,8 +360,8 @@ class HeaderRules:
                 if b"\t" in value and name.lower() == _TE:
                     # llhttp does not read "chunked<HTAB>" as chunked: no guessing here
                     if request:
-                        raise _request_error("HTAB in Transfer-Encoding")
-                    raise _response_error("HTAB in Transfer-Encoding in the response")
+                        raise request_error("HTAB in Transfer-Encoding")
+                    raise response_error("HTAB in Transfer-Encoding in the response")
                 stripped.append((name, value.strip(_OWS)))
             return stripped, size
         return fields, size
@@ -718,7 +396,7 @@ class HeaderRules:
                 if _TOKEN.fullmatch(coding) is None:
                     raise error("invalid transfer coding")
                 if request:
-                    raise _request_error(f"unknown transfer coding {coding.decode()!r}", 501)
+                    raise request_error(f"unknown transfer coding {coding.decode()!r}", 501)
                 raise error("unknown transfer coding")
             codings.append(coding)
         if b"chunked" in codings[:-1]:
@@ -732,27 +410,42 @@ class HeaderRules:
 
     def validate_request(self, head: RequestHead) -> None:
         """Check ``head`` and put it in forwarding shape (see the module docstring)."""
+        host, _ = self.check_request(head)
+        self.route(head, host)
+
+    def check_request(self, head: RequestHead) -> tuple[bytes | None, int]:
+        """``validate_request`` but for the route: everything that does not depend on the
+        target's host and port. Returns the ``Host`` value for ``route`` and the size of
+        the fields (``check_request_line`` judges another target with the same fields).
+        """
         http10, line = self._request_line(head.method, head.target, head.version)
         fields, size = self._fields(head.headers, True)
-        if line + 4 + size > self.max_head:
-            raise _request_error("request head too large", 431)
-        host = self._request_fields(head, fields, http10)
-        self._route(head, host)
+        self._head_size(line, size)
+        return self._request_fields(head, fields, http10), size
+
+    def check_request_line(self, method: bytes, target: bytes, version: bytes, size: int) -> None:
+        """The request line of a head whose fields (``size`` bytes) passed ``check_request``."""
+        _, line = self._request_line(method, target, version)
+        self._head_size(line, size)
+
+    def _head_size(self, line: int, size: int) -> None:
+        if line + 4 + size > self.max_head:  # + CRLF after the line and the blank line
+            raise request_error("request head too large", 431)
 
     def _request_line(self, method: bytes, target: bytes, version: bytes) -> tuple[bool, int]:
         """``(is HTTP/1.0, request line length)``; raises on the line's own errors."""
         line = len(method) + len(target) + len(version) + 2
         if line > self.max_request_line:
-            raise _request_error("request line too long", 414)
+            raise request_error("request line too long", 414)
         if _TOKEN.fullmatch(method) is None:
-            raise _request_error("invalid method")
+            raise request_error("invalid method")
         http10 = _VERSIONS.get(version)
         if http10 is None:
             if _HTTP_VERSION.fullmatch(version) is None:
-                raise _request_error("invalid HTTP version")
-            raise _request_error("HTTP version not supported", 505)
+                raise request_error("invalid HTTP version")
+            raise request_error("HTTP version not supported", 505)
         if method not in self.methods:
-            raise _request_error(
+            raise request_error(
                 f"method {method.decode('latin-1')} is not allowed", 501, "http_request_denied"
             )
         return http10, line
@@ -761,7 +454,7 @@ class HeaderRules:
         """Framing, Host count, hop-by-hop: everything that depends on the fields only.
 
         Sets ``head``'s framing, ``close``, ``websocket``, ``credentials`` and
-        ``headers``; returns the ``Host`` value (or ``None``) for ``_route``.
+        ``headers``; returns the ``Host`` value (or ``None``) for ``route``.
         """
         cls_values: list[bytes] = []
         te_values: list[bytes] = []
@@ -785,13 +478,13 @@ class HeaderRules:
                         te_values.append(value)
                     elif lname == _PROXY_AUTH and head.credentials is None:
                         head.credentials = value
-        length, codings, chunked = self._framing(cls_values, te_values, _request_error, True)
+        length, codings, chunked = self._framing(cls_values, te_values, request_error, True)
         if codings and http10:
-            raise _request_error("Transfer-Encoding in an HTTP/1.0 request")
+            raise request_error("Transfer-Encoding in an HTTP/1.0 request")
         if len(hosts) > 1:
-            raise _request_error("more than one Host header field")
+            raise request_error("more than one Host header field")
         if head.method == b"CONNECT" and (codings or length > 0):
-            raise _request_error("a CONNECT request has no content")
+            raise request_error("a CONNECT request has no content")
         head.length = length
         head.codings = codings
         head.chunked = chunked
@@ -810,7 +503,7 @@ class HeaderRules:
         head.headers = fields
         return hosts[0] if hosts else None
 
-    def _route(self, head: RequestHead, host: bytes | None) -> None:
+    def route(self, head: RequestHead, host: bytes | None) -> None:
         """Where the request goes: the target checked, and ``Host`` against it."""
         if head.method == b"CONNECT":
             name, port = _authority(head.target)
@@ -820,9 +513,9 @@ class HeaderRules:
         if host is not None:
             given = parse_host(host)
             if given is None:
-                raise _request_error("invalid Host header field")
+                raise request_error("invalid Host header field")
             if given[0] != to.host or (given[1] or 80) != to.port:
-                raise _request_error("the Host header field does not match the request target")
+                raise request_error("the Host header field does not match the request target")
         head.host, head.port, head.authority, head.path = to.host, to.port, to.authority, to.path
 
     def rewrite_request(self, head: RequestHead) -> None:
@@ -876,47 +569,17 @@ class HeaderRules:
     ) -> RequestHead:
         """validate (and rewrite) in one call, memoized for heads seen before.
 
-        Two memos: whole heads (a repeated request costs one dict lookup), and
-        field lists with their verdict (a new URL with fields seen before only
-        has its target judged: request line, target, ``Host`` against it, size).
         The result is shared: callers copy it (``RequestHead.copy``) before changing it.
+        ``cacheable=False`` (a large head) judges it without keeping it.
         """
-        if not cacheable:
-            head = RequestHead(method, target, version, headers, client)
-            self.validate_request(head)
-            if rewrite:
-                self.rewrite_request(head)
-            return head
-        fields = tuple(headers)
-        key = (method, target, version, fields, client, rewrite)
-        hit = self._requests.get(key)
-        if hit is not None:
-            return hit
-        # the same fields with another target (a new URL): only the target is judged again
-        shape = (method, version, fields, client, rewrite)
-        template = self._shapes.get(shape)
-        if template is None:
-            head = RequestHead(method, target, version, headers, client)
-            http10, line = self._request_line(method, target, version)
-            checked, size = self._fields(head.headers, True)
-            if line + 4 + size > self.max_head:
-                raise _request_error("request head too large", 431)
-            host = self._request_fields(head, checked, http10)
-            if rewrite:
-                self.rewrite_request(head)
-            if len(self._shapes) >= _CACHE_MAX:
-                self._shapes.clear()
-            self._shapes[shape] = (head, host, size)
-        else:
-            base, host, size = template
-            _, line = self._request_line(method, target, version)
-            if line + 4 + size > self.max_head:
-                raise _request_error("request head too large", 431)
-            head = base.retarget(target)
-        self._route(head, host)
-        if len(self._requests) >= _CACHE_MAX:
-            self._requests.clear()
-        self._requests[key] = head
+        if cacheable:
+            return self.request_memo.prepare(
+                self, method, target, version, headers, client, rewrite
+            )
+        head = RequestHead(method, target, version, headers, client)
+        self.validate_request(head)
+        if rewrite:
+            self.rewrite_request(head)
         return head
 
     # -- responses ----------------------------------------------------------------
@@ -924,9 +587,9 @@ class HeaderRules:
     def validate_response(self, head: ResponseHead) -> None:
         http10 = _VERSIONS.get(head.version)
         if http10 is None:
-            raise _response_error("the response is not HTTP/1.0 or HTTP/1.1")
+            raise response_error("the response is not HTTP/1.0 or HTTP/1.1")
         if not 100 <= head.status <= 599:
-            raise _response_error("invalid response status")
+            raise response_error("invalid response status")
         fields, _ = self._fields(head.headers, False)
         cls_values: list[bytes] = []
         te_values: list[bytes] = []
@@ -939,7 +602,7 @@ class HeaderRules:
                     cls_values.append(value)
                 elif lname == _TE:
                     te_values.append(value)
-        length, codings, chunked = self._framing(cls_values, te_values, _response_error, False)
+        length, codings, chunked = self._framing(cls_values, te_values, response_error, False)
         head.length = length
         head.codings = codings
         head.chunked = chunked
@@ -971,25 +634,7 @@ class HeaderRules:
         comes back as HTTP/1.1 (we answer in HTTP/1.1). Memoized: an origin sends
         the same heads again and again. The result is shared: copy before changing.
         """
-        key = (raw, status, rewrite)
-        hit = self._responses.get(key)
-        if hit is not None:
-            return hit
-        line, fields = split_head(raw)
-        version, _, rest = line.partition(b" ")
-        reason = rest.partition(b" ")[2]
-        head = ResponseHead(status, version, fields, reason)
-        self.validate_response(head)
-        if rewrite:
-            self.rewrite_response(head)
-        if head.http10:
-            line = b"HTTP/1.1" + line[8:]
-        result = (line, head, serialize(head.headers))
-        if len(raw) <= _CACHE_HEAD:
-            if len(self._responses) >= _CACHE_MAX:
-                self._responses.clear()
-            self._responses[key] = result
-        return result
+        return self.response_memo.prepare(self, raw, status, rewrite)
 
 
 def _forwarded_node(node: str) -> bytes:
@@ -1003,7 +648,7 @@ def _authority(target: bytes) -> tuple[str, int]:
     try:
         text = target.decode("ascii")
     except UnicodeDecodeError:
-        raise _request_error("invalid CONNECT target") from None
+        raise request_error("invalid CONNECT target") from None
     return parse_authority(text)
 
 

@@ -31,7 +31,7 @@ Decisions
       or HTAB) is rejected (400), as RFC 9112 section 5.2 allows.
     * CONNECT authority: ``host:port`` or ``[IPv6]:port``. ``host`` is a
       strict dotted-quad IPv4 address or a host name by the rules of
-      ``proxytap.proto.socks.normalize_host`` (letters, digits, ``-``, ``_``,
+      ``proxytap.policy.target.normalize_host`` (letters, digits, ``-``, ``_``,
       labels 1..63, at most 253, one trailing dot dropped, lower-cased, no
       percent-encoding, no numeric forms such as ``127.1`` or ``0x7f000001``
       that a resolver would read as an address). IPv6 goes in brackets, without
@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from proxytap.errors import ProtocolError
-from proxytap.proto.socks import normalize_host
+from proxytap.policy.target import normalize_host
 
 __all__ = [
     "MAX_HEAD",

@@ -64,26 +64,15 @@ SOCKS4 / SOCKS4a decisions
       follows the USERID. ``0.0.0.0`` is a plain (if useless) IPv4 address.
 
 Host names (SOCKS5 ATYP 3, SOCKS4a)
-    The name must be ASCII (IDNs arrive as ``xn--`` A-labels), at most 253
-    characters after one trailing dot is dropped, made of dot-separated labels
-    of 1..63 letters, digits, ``-`` or ``_``. Control characters, NUL, spaces,
-    ``,``, ``/``, ``@``, ``%`` and every other character are rejected. Names are
-    lower-cased. A name that is an IP literal is normalised to that address
-    (``atyp`` "ipv4" / "ipv6"): a strict dotted quad, or IPv6 text without a
-    zone. Other names whose last label is all digits (``127.1``, ``256.1.1.1``,
-    ``0177.0.0.1``; no top-level domain is numeric) and names ``inet_aton``
-    (and so ``getaddrinfo``) would read as an address (``0x7f000001``,
-    ``0x7f.0.0.1``) are rejected, so a host name can never smuggle in an
-    address that policy did not see.
-    IPv6 text is always ``inet_ntop`` form (compressed, lower-case).
+    Checked and normalised by ``proxytap.policy.target.normalize_host``, the
+    one judge of host names for every front end (its docstring has the rules):
+    ASCII labels only, lower-cased, IP literals in canonical text, and no
+    name a resolver would read as an address.
 """
 
 from __future__ import annotations
 
 import enum
-import functools
-import ipaddress
-import re
 import socket
 import struct
 from collections.abc import Callable, Sequence
@@ -91,6 +80,7 @@ from dataclasses import dataclass, field
 from typing import Final, NoReturn
 
 from proxytap.errors import ProtocolError
+from proxytap.policy.target import normalize_host
 
 __all__ = [
     "ATYP_NOT_SUPPORTED",
@@ -108,7 +98,6 @@ __all__ = [
     "ConnectRequest",
     "NeedData",
     "SocksServer",
-    "normalize_host",
 ]
 
 
@@ -191,10 +180,6 @@ class _State(enum.Enum):
     ERROR = enum.auto()
 
 
-_LABEL: Final = re.compile(r"[A-Za-z0-9_-]{1,63}")
-_IPV6_TEXT: Final = re.compile(r"[0-9A-Fa-f:.]+")
-
-
 def _pack_address(host: str) -> bytes:
     """An IP literal in network order (4 or 16 bytes); ``ValueError`` if it is none."""
     for family in (socket.AF_INET, socket.AF_INET6):
@@ -203,41 +188,6 @@ def _pack_address(host: str) -> bytes:
         except OSError:
             continue
     raise ValueError(f"not an IP address: {host!r}")
-
-
-@functools.lru_cache(maxsize=8192)  # pure; the same names come back on every connection
-def normalize_host(name: str) -> tuple[str, str] | None:
-    """Check a host name from the wire; return ``(host, atyp)`` or ``None``.
-
-    Applies the rules in the module docstring: IP literals become ``ipv4`` /
-    ``ipv6`` in canonical text, names become lower-case ``domain``; anything
-    invalid or numerically ambiguous gives ``None``.
-    """
-    if ":" in name:
-        if _IPV6_TEXT.fullmatch(name) is None:
-            return None
-        try:
-            packed = ipaddress.IPv6Address(name).packed
-        except ValueError:
-            return None
-        return socket.inet_ntop(socket.AF_INET6, packed), "ipv6"
-    if name.endswith("."):
-        name = name[:-1]
-    if not name or len(name) > 253:
-        return None
-    if not all(_LABEL.fullmatch(label) for label in name.split(".")):
-        return None
-    try:
-        return str(ipaddress.IPv4Address(name)), "ipv4"
-    except ValueError:
-        pass
-    if name.rpartition(".")[2].isdigit():
-        return None  # 256.1.1.1, 1.2.3.4.5: no top-level domain is all digits
-    try:
-        socket.inet_aton(name)
-    except OSError:
-        return name.lower(), "domain"
-    return None  # 0x7f000001, 0x7f.0.0.1: the resolver would read an address
 
 
 def _name_from_wire(raw: bytes) -> tuple[str, str] | None:

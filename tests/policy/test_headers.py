@@ -1,5 +1,8 @@
 """proxytap.policy.headers: byte tables for validate and rewrite, and hypothesis properties.
 
+The message model, targets and the memos have their own files (test_message,
+test_target, test_cache); the chain that re-checks modules is tests/modules/test_chain.py.
+
 Property (issue C): for any header list, validate either raises ``ProtocolError``
 or accepts, and then the rewritten output validates again to the same
 framing, holds no hop-by-hop field and no CR, LF or NUL, and is left as it
@@ -8,28 +11,16 @@ is by a second validate.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from proxytap.config import Config
 from proxytap.errors import ConfigError, ProtocolError
-from proxytap.modules.builtin import Rewrite, Validate
-from proxytap.modules.chain import Chain
-from proxytap.policy.headers import (
-    HeaderRule,
-    HeaderRules,
-    HttpConfig,
-    RequestHead,
-    ResponseHead,
-    parse_host,
-    serialize,
-    split_head,
-)
+from proxytap.policy.headers import HeaderRule, HeaderRules, HttpConfig
 from proxytap.policy.hopbyhop import HOP_BY_HOP
+from proxytap.policy.message import RequestHead, ResponseHead, serialize
 
 H = list[tuple[bytes, bytes]]
 RULES = HeaderRules()
@@ -293,14 +284,6 @@ def test_methods_are_configurable() -> None:
         assert info.value.status == 501
 
 
-def test_parse_host() -> None:
-    assert parse_host(b"A.example.:8080") == ("a.example", 8080)
-    assert parse_host(b"a:") == ("a", None)
-    assert parse_host(b"[::1]") == ("::1", None)
-    for bad in (b"[::1", b"[a]:1", b"a:1:2", b"a b", b"a:+1", b"a:123456", b"a]:1", b":80"):
-        assert parse_host(bad) is None, bad
-
-
 # -- responses ------------------------------------------------------------------------
 
 
@@ -351,15 +334,6 @@ def test_responses_refused(fields: bytes, reason: str) -> None:
     with pytest.raises(ProtocolError) as info:
         response(b"HTTP/1.1 200 OK\r\nA: 1\r\nA: 1\r\nA: 1\r\n\r\n", rules=rules)
     assert info.value.proxy_status == "http_response_header_section_size"
-
-
-def test_response_cache_is_shared_and_bounded() -> None:
-    rules = HeaderRules()
-    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n"
-    assert rules.prepare_response(raw, 200, True) is rules.prepare_response(raw, 200, True)
-    for i in range(300):
-        rules.prepare_response(b"HTTP/1.1 200 OK\r\nX: %d\r\n\r\n" % i, 200, True)
-    assert len(rules._responses) <= 256
 
 
 # -- rewrite --------------------------------------------------------------------------
@@ -470,104 +444,6 @@ def test_http_config_errors() -> None:
         with pytest.raises(ConfigError) as info:
             cfg.validate("http")
         assert info.value.key == key
-
-
-# -- memo, module shape, re-checks ------------------------------------------------------
-
-
-def test_prepare_request_memo() -> None:
-    rules = HeaderRules(forwarded_for="on")
-    args: tuple[Any, ...] = (b"GET", URL, b"HTTP/1.1", [(b"Accept", b"*/*")])
-    one = rules.prepare_request(*args, "192.0.2.1", True)
-    assert rules.prepare_request(*args, "192.0.2.1", True) is one
-    other = rules.prepare_request(*args, "192.0.2.2", True)
-    assert other is not one and other.get("X-Forwarded-For") == b"192.0.2.2"
-    assert rules.prepare_request(*args, "192.0.2.1", True, cacheable=False) is not one
-
-
-def test_prepare_request_new_targets_for_known_fields() -> None:
-    """Fields seen before with another target: only the target is judged again."""
-    rules = HeaderRules(max_request_line=60, max_head=120)
-    fields: H = [(b"Host", b"example.com"), (b"Connection", b"close"), (b"A", b"1")]
-    first = rules.prepare_request(b"GET", URL, b"HTTP/1.1", fields, None, True)
-    second = rules.prepare_request(
-        b"GET", b"http://example.com/other", b"HTTP/1.1", fields, None, True
-    )
-    assert second is not first and second.headers is first.headers
-    assert (second.path, second.authority, second.close) == (b"/other", b"example.com", True)
-    assert first.path == b"/p?q=1"
-    assert second.serialized() == b"A: 1\r\nVia: 1.1 proxytap\r\n"
-    for target, status in (
-        (b"http://other.example/", 400),  # Host no longer matches
-        (b"http://example.com/" + b"x" * 40, 414),
-        (b"/origin-form", 400),
-    ):
-        with pytest.raises(ProtocolError) as info:
-            rules.prepare_request(b"GET", target, b"HTTP/1.1", fields, None, True)
-        assert info.value.status == status, target
-    big: H = [(b"Host", b"example.com"), (b"A", b"x" * 60)]
-    rules.prepare_request(b"GET", b"http://example.com/", b"HTTP/1.1", big, None, True)
-    with pytest.raises(ProtocolError) as info:  # the same fields, a longer line: too large
-        rules.prepare_request(
-            b"GET", b"http://example.com/" + b"y" * 20, b"HTTP/1.1", big, None, True
-        )
-    assert info.value.status == 431
-
-
-def test_fused_path_equals_the_module_hooks() -> None:
-    rules = HeaderRules(forwarded_for="on", via="p")
-    headers: H = [(b"Host", b"example.com"), (b"Connection", b"x"), (b"X", b"1"), (b"x", b"2")]
-    fused = rules.prepare_request(b"GET", URL, b"HTTP/1.1", headers, "192.0.2.9", True)
-    head = RequestHead(b"GET", URL, b"HTTP/1.1", headers, "192.0.2.9")
-    for module in (Validate(rules), Rewrite(rules)):
-        module.request(None, head)
-    assert head.headers == fused.headers
-    assert (head.host, head.port, head.path) == (fused.host, fused.port, fused.path)
-    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    _, fused_resp, _ = rules.prepare_response(raw, 200, True)
-    resp = ResponseHead(200, b"HTTP/1.1", split_head(raw)[1])
-    for module in (Validate(rules), Rewrite(rules)):
-        module.response(None, resp)
-    assert resp.headers == fused_resp.headers
-
-
-def test_chain_rechecks_what_modules_did() -> None:
-    class Mod:
-        name = "mod"
-
-        def __init__(self, action: Any) -> None:
-            self.action = action
-
-        def request(self, ctx: Any, req: RequestHead) -> None:
-            self.action(req)
-
-    rules = HeaderRules()
-    errors: Counter[str] = Counter()
-    for action in (
-        lambda r: r.add("Content-Length", "1"),
-        lambda r: r.add("X", "a\nb"),
-        lambda r: r.add("Keep-Alive", "1"),
-        lambda r: setattr(r, "path", b"no-slash"),
-    ):
-        chain = Chain("l", [Validate(rules), Mod(action)], [Validate(rules)], rules, errors)
-        head = request([])
-        with pytest.raises(ProtocolError) as info:
-            chain.request(None, head)
-        assert info.value.status == 500
-    assert errors == Counter({"mod": 4})
-    chain = Chain(
-        "l", [Validate(rules), Mod(lambda r: r.add("X", "ok"))], [Validate(rules)], rules, errors
-    )
-    head = request([(b"Content-Length", b"4")], method=b"POST")
-    chain.request(None, head)
-    assert head.headers[-1] == (b"X", b"ok")
-
-
-def test_validate_must_come_first() -> None:
-    rules = HeaderRules()
-    with pytest.raises(ValueError, match="validate"):
-        Chain("l", [Rewrite(rules)], [Validate(rules)], rules, Counter())
-    assert Config().validate().listeners[0].chain("client_to_server") == ("validate", "rewrite")
 
 
 # -- hypothesis -------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from proxytap.proto.socks import (
     AuthRequest,
     ConnectRequest,
     SocksServer,
-    normalize_host,
 )
 
 FUZZ = settings(max_examples=400, deadline=None)
@@ -592,20 +591,6 @@ def test_misuse_raises_runtime_error() -> None:
     server.receive_data(b"")
     with pytest.raises(RuntimeError):
         server.receive_data(b"late")
-
-
-def test_normalize_host() -> None:
-    assert normalize_host("Example.COM.") == ("example.com", "domain")
-    assert normalize_host("1.2.3.4") == ("1.2.3.4", "ipv4")
-    assert normalize_host("1.2.3.4.") == ("1.2.3.4", "ipv4")
-    assert normalize_host("::FFFF:1.2.3.4") == ("::ffff:1.2.3.4", "ipv6")
-    assert normalize_host("1.2.3.4.5") is None
-    assert normalize_host("256.1.1.1") is None
-    assert normalize_host("0x7f.0.0.1") is None
-    assert normalize_host("foo.123a") == ("foo.123a", "domain")
-    assert normalize_host("123.example") == ("123.example", "domain")
-    assert normalize_host("127.1") is None
-    assert normalize_host("ex\u00e4mple.com") is None
 
 
 # -- hypothesis ------------------------------------------------------------------------
