@@ -17,7 +17,6 @@ import time
 
 from proxytap.admin import AdminServer
 from proxytap.config import Config
-from proxytap.errors import ConfigError
 from proxytap.export.hub import Hub
 from proxytap.export.sink import Sink
 from proxytap.front.listener import bound_addresses, start_listener
@@ -46,42 +45,26 @@ class App:
         if connector is not None:
             self.services.connector = connector
         self.servers: dict[str, asyncio.Server] = {}
-        self.sinks: list[Sink] = []
+        # built now, started by start(): constructing an App is all the checking
+        # `run` does before it binds anything, and what `check-config` does
+        self.sinks: list[Sink] = build_sinks(config, classifier)
         self.admin: AdminServer | None = None
         self.started_at = time.time()
         self.ready = False  # every listener bound, not draining (/readyz)
         self.stopped = asyncio.Event()
+        self.hurry = asyncio.Event()  # a second SIGTERM/SIGINT: stop draining at once
 
     def addresses(self, name: str) -> list[tuple[str, int]]:
         return bound_addresses(self.servers[name])
 
     async def start(self) -> None:
-        exp = self.config.export
-        if exp.sftap_home:
-            from proxytap.export.sftap_server import SftapServer
-
-            server = SftapServer.from_config(exp, self.hub.classifier)
-            await server.start()
-            self.hub.subscribe(server)
-            self.sinks.append(server)
-        if exp.loopback7:
-            from proxytap.export.loopback7 import Loopback7Writer
-
-            writer = Loopback7Writer.from_config(exp)
-            await writer.start()
-            self.hub.subscribe(writer)
-            self.sinks.append(writer)
-        if self.config.log.flows:
-            from proxytap.export.jsonlog import JsonFlowLog
-
-            flowlog = JsonFlowLog.from_config(self.config.log)
+        for sink in self.sinks:
             try:
-                await flowlog.start()
+                await sink.start()
             except OSError:
                 await self.stop(0)
                 raise
-            self.hub.subscribe(flowlog)
-            self.sinks.append(flowlog)
+            self.hub.subscribe(sink)
         try:
             admin = self.config.admin
             if admin.enabled:
@@ -126,10 +109,11 @@ class App:
         for item in list(services.live):
             item.shutdown(False)
         deadline = time.monotonic() + grace
-        while services.live and time.monotonic() < deadline:  # noqa: ASYNC110 - 20 Hz, only while draining
+        while services.live and time.monotonic() < deadline and not self.hurry.is_set():  # noqa: ASYNC110 - 20 Hz, only while draining
             await asyncio.sleep(0.05)
         if services.live:
-            log.info("closing %d connections still open after %.1fs", len(services.live), grace)
+            why = "asked twice to stop" if self.hurry.is_set() else f"after {grace:.1f}s"
+            log.info("closing %d connections still open (%s)", len(services.live), why)
         for item in list(services.live):
             item.shutdown(True)
         await services.tasks.cancel_all()
@@ -149,16 +133,35 @@ class App:
         log.info("reopening log files")
 
 
-async def serve(config: Config) -> int:
-    """Run until SIGTERM or SIGINT, then drain and stop; the process exit code."""
+def build_sinks(config: Config, classifier: Classifier) -> list[Sink]:
+    """The export sinks the config asks for, built (and so checked), not started."""
+    exp = config.export
+    sinks: list[Sink] = []
+    if exp.sftap_home:
+        from proxytap.export.sftap_server import SftapServer
+
+        sinks.append(SftapServer.from_config(exp, classifier))
+    if exp.loopback7:
+        from proxytap.export.loopback7 import Loopback7Writer
+
+        sinks.append(Loopback7Writer.from_config(exp))
+    if config.log.flows:
+        from proxytap.export.jsonlog import JsonFlowLog
+
+        sinks.append(JsonFlowLog.from_config(config.log))
+    return sinks
+
+
+async def serve(app: App) -> int:
+    """Run until SIGTERM or SIGINT, then drain and stop; the process exit code.
+
+    A second SIGTERM or SIGINT while draining stops at once (what is still
+    open is reset, as after the grace).
+    """
+    config = app.config
     before, after = raise_open_file_limit()
     if after != before:
         log.info("open-file limit raised from %d to %d (the hard limit)", before, after)
-    try:
-        app = App(config)  # loads the listeners' modules
-    except ConfigError as exc:
-        log.error("config error: %s", exc)
-        return 2
     try:
         await app.start()
     except OSError as exc:
@@ -166,8 +169,14 @@ async def serve(config: Config) -> int:
         return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            app.hurry.set()
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     loop.add_signal_handler(signal.SIGHUP, app.reopen_logs)
     # Collector policy. A closed tunnel or forwarder connection is freed by
     # reference counting: it breaks its own reference cycles as it ends

@@ -19,7 +19,6 @@ from proxytap.config import (
     parse_hostport,
 )
 from proxytap.errors import ConfigError
-from proxytap.modules.loader import check_modules
 
 DESCRIPTION = """\
 proxytap: an explicit forwarding proxy (HTTP CONNECT, plain HTTP, SOCKS4/4a/5)
@@ -199,12 +198,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from proxytap.app import serve
+    from proxytap.app import App, serve
 
     try:
         cfg = config_from_args(args)
-        if cfg.auth.htpasswd:
-            cfg.auth.load_htpasswd()  # a broken user file stops start-up here
+        app = App(cfg)  # every check run makes before it binds: the same as check-config
     except ConfigError as exc:
         print(f"proxytap: config error: {exc}", file=sys.stderr)
         return 2
@@ -216,7 +214,7 @@ def _run(args: argparse.Namespace) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency
         runner = asyncio.run
     try:
-        return int(runner(serve(cfg)))
+        return int(runner(serve(app)))
     except KeyboardInterrupt:  # pragma: no cover
         return 0
 
@@ -236,8 +234,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         return _run(args)
     if args.command == "check-config":
+        from proxytap.app import App
+
         try:
-            check_modules(load(args.file))
+            App(load(args.file))  # what run checks before it binds: modules, users, sinks
         except ConfigError as exc:
             print(f"proxytap: config error: {exc}", file=sys.stderr)
             return 2

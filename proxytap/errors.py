@@ -7,9 +7,11 @@ also an ``OSError`` so I/O code can treat it as one.
 
 from __future__ import annotations
 
+import difflib
 import enum
 import errno
 import socket
+from collections.abc import Iterable
 
 
 class ProxytapError(Exception):
@@ -23,6 +25,14 @@ class ConfigError(ProxytapError):
         super().__init__(f"{key}: {problem}")
         self.key = key
         self.problem = problem
+
+
+def unknown_key(key: str, known: Iterable[str]) -> ConfigError:
+    """``key`` (``section.name``) is not a key here: say so, with the likeliest meant one."""
+    name = key.rpartition(".")[2]
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(key, f"unknown key{hint}")
 
 
 class ProtocolError(ProxytapError):

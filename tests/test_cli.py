@@ -47,6 +47,16 @@ async def test_bad_config_is_one_clear_line(tmp_path: Path) -> None:
         ),
         "[export]\nformat = 'xml'\n": "export.format: must be text or binary",
         "not toml [": "is not valid TOML",
+        # a near miss gets a suggestion, in every table that checks its keys
+        "[timeouts]\nidel = 3\n": "timeouts.idel: unknown key; did you mean 'idle'?",
+        "[export]\noverlod = 'wait'\n": "export.overlod: unknown key; did you mean 'overload'?",
+        "[[access.rules]]\nname = 'x'\naction = 'deny'\ndomain = ['a.test']\n": (
+            "access.rules[0].domain: unknown key; did you mean 'domains'?"
+        ),
+        "[export]\nsftap_home = '/tmp/x'\n[[export.rules]]\nname = 'r'\nnic = 1\n": (
+            "export.rules[0].nic: unknown key; did you mean 'nice'?"
+        ),
+        "[timeouts]\nxyzzy = 3\n": "timeouts.xyzzy: unknown key",
     }
     for text, expected in cases.items():
         cfg = tmp_path / "bad.toml"
@@ -126,6 +136,66 @@ async def test_run_serves_and_sigterm_drains_then_exits_zero(origin: Origin) -> 
             raise AssertionError("listener still accepting after shutdown")
         except OSError:
             pass
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_check_config_refuses_what_run_refuses(tmp_path: Path) -> None:
+    """One validation path: check-config says what run says, for the user file and sinks too."""
+    sha = tmp_path / "sha.htpasswd"
+    sha.write_text("alice:{SHA}qUqP5cyxm6YcTAhz05Hph5gvu9M=\n")  # unsalted: refused
+    cases = {
+        f"[auth]\nhtpasswd = '{tmp_path / 'missing.htpasswd'}'\n": "cannot read",
+        f"[auth]\nhtpasswd = '{sha}'\n": "unsalted {SHA} hashes are not accepted",
+        "[export]\nsftap_home = '/tmp/x'\nformats = { 'tcp/nope' = 'text' }\n": (
+            "export.formats.tcp/nope: no such flow socket"
+        ),
+        "[[listeners]]\nkind = 'http'\naddress = '127.0.0.1:0'\n"
+        "client_to_server = ['no_such_module']\n": "no_such_module",
+    }
+    for text, expected in cases.items():
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(text)
+        outputs = []
+        for command in ("check-config", "run --admin off --config"):
+            rc, _, err = await run(*PROXYTAP, *command.split(), str(cfg))
+            assert rc == 2, (command, text, err)
+            (line,) = err.decode().splitlines()
+            assert line.startswith("proxytap: config error: ") and expected in line, line
+            outputs.append(line)
+        assert outputs[0] == outputs[1]
+
+
+async def test_second_sigterm_during_the_drain_stops_at_once(
+    origin: Origin, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "grace.toml"
+    cfg.write_text("[timeouts]\nshutdown_grace = 120.0\n")  # far longer than the wait below
+    proc, ports, _ = await _start(
+        "--config", str(cfg), "--http", "127.0.0.1:0", "--admin", "off",
+        "--allow-dest", "127.0.0.0/8", "--connect-ports", "1-65535",
+    )  # fmt: skip
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", ports["http"])
+        writer.write(f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\n\r\n".encode())
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        assert proc.stderr is not None
+        proc.send_signal(signal.SIGTERM)
+        while b"draining" not in await asyncio.wait_for(proc.stderr.readline(), 10):
+            pass
+        # the open tunnel would hold the drain for the whole grace: a second signal ends it
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        rest = (await proc.stderr.read()).decode()
+        assert "closing 1 connections still open (asked twice to stop)" in rest, rest
+        try:
+            got = await asyncio.wait_for(reader.read(), 10)
+        except ConnectionResetError:
+            got = None
+        assert got is None, f"the tunnel ended with a clean end of file ({got!r}), not a reset"
+        writer.close()
     finally:
         if proc.returncode is None:
             proc.kill()

@@ -85,7 +85,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from proxytap.errors import ConfigError, Failure
+from proxytap.errors import ConfigError, Failure, unknown_key
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -467,7 +467,7 @@ class DestRule:
             raise ConfigError(key, "expected a table")
         for k in table:
             if k not in _RULE_KEYS:
-                raise ConfigError(f"{key}.{k}", "unknown key")
+                raise unknown_key(f"{key}.{k}", _RULE_KEYS)
         for k in ("name", "action"):
             if k not in table:
                 raise ConfigError(f"{key}.{k}", "missing")

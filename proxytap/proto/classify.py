@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Final
 
-from proxytap.errors import ConfigError
+from proxytap.errors import ConfigError, unknown_key
 
 DEFAULT: Final = "default"
 DEFAULT_NICE: Final = 2**31 - 1
@@ -205,7 +205,7 @@ def rules_from_config(
     entries: Iterable[Mapping[str, object]],
     base: Iterable[Rule] = DEFAULT_RULES,
     *,
-    where: str = "sftap.rules",
+    where: str = "export.rules",
 ) -> list[Rule]:
     """``base`` with rules added or overridden from TOML-style tables.
 
@@ -224,7 +224,7 @@ def rules_from_config(
             raise ConfigError(at, "must be a table")
         unknown = set(entry) - _KEYS
         if unknown:
-            raise ConfigError(f"{at}.{sorted(unknown)[0]}", f"unknown key; known: {sorted(_KEYS)}")
+            raise unknown_key(f"{at}.{sorted(unknown)[0]}", _KEYS)
         name = entry.get("name")
         if not isinstance(name, str) or _NAME.fullmatch(name) is None:
             raise ConfigError(f"{at}.name", f"must be a socket file name, not {name!r}")
