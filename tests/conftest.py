@@ -66,6 +66,23 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
+# -- waiting on a condition -----------------------------------------------------------
+
+
+async def wait_until(cond: Callable[[], object], within: float = 5.0, what: str = "") -> None:
+    """Poll ``cond`` until it is true, at most ``within`` seconds (then fail the test).
+
+    For state the test cannot await directly (server-side bookkeeping, a
+    counter, a callback): a bounded wait on the condition, never a fixed sleep.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError(f"not reached within {within}s: {what or cond}")
+        await asyncio.sleep(0.005)
+
+
 # -- a recording export subscriber -----------------------------------------------------
 
 
