@@ -434,7 +434,10 @@ def from_dict(data: Mapping[str, Any]) -> Config:
             raise ConfigError("listeners", "expected an array of tables ([[listeners]])")
         built = []
         for i, item in enumerate(listeners):
-            lst = _build(ListenerConfig, item, f"listeners[{i}]")
+            # kind and address have no defaults: placeholders let the keys given be checked
+            # first (and the dataclass be built), then their absence is named (not a TypeError)
+            given = {"kind": "", "address": "", **item} if isinstance(item, dict) else item
+            lst = _build(ListenerConfig, given, f"listeners[{i}]")
             if "kind" not in item or "address" not in item:
                 raise ConfigError(f"listeners[{i}]", "needs kind and address")
             built.append(dataclasses.replace(lst, name=lst.name or f"{lst.kind}{i}"))
