@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from proxytap.errors import ConfigError
+from proxytap.errors import ConfigError, unknown_key
 from proxytap.export.channel import MIN_SNDBUF, OVERLOAD_POLICIES
 from proxytap.policy.acl import AccessConfig
 from proxytap.policy.auth import AuthConfig
@@ -202,6 +202,7 @@ class ExportConfig:
     loopback7_on_gap: str = "skip"
     loopback7_vlan: bool = True  # add vlan=-1 after port2 (harmless, keeps VLAN builds happy)
     classify_timeout: float = 0.5  # a flow no rule matched yet goes to "default" after this
+    chunk: int = 32768  # largest DATA body on served sockets (<= 65535; see README)
     rules: tuple[Mapping[str, Any], ...] = ()  # extra / overriding classification rules
 
     def validate(self, key: str) -> None:
@@ -226,6 +227,8 @@ class ExportConfig:
         for name in ("on_gap", "loopback7_on_gap"):
             if getattr(self, name) not in ("skip", "cut"):
                 raise ConfigError(f"{key}.{name}", "must be skip or cut")
+        if not 1 <= self.chunk <= 65535:
+            raise ConfigError(f"{key}.chunk", "must be 1..65535")
         for name in ("max_wait", "loopback7_max_wait", "classify_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{key}.{name}", "must be > 0")
@@ -420,7 +423,7 @@ def _build(cls: Any, data: Any, key: str) -> Any:
     for name, value in data.items():
         sub = f"{key}.{name}" if key else name
         if name not in known:
-            raise ConfigError(sub, "unknown key")
+            raise unknown_key(sub, known)
         kwargs[name] = _check_type(value, hints[name], sub)
     return cls(**kwargs)
 

@@ -40,8 +40,10 @@ Protocol decisions:
   reason=COMPROMISED`` (the reason the original uses for a reassembly
   overflow), so the analyzer sees a short stream rather than one with a
   hole; the default ``"skip"`` keeps the original's behaviour.
-* **Chunks** are at most 65535 bytes (the binary ``len`` field). An empty
-  chunk is not sent.
+* **Chunks** are at most 32 KiB by default (``chunk``; 65535 at most, the
+  binary ``len`` field): a message of header and body then fits one kernel
+  socket buffer, which a reader's ``read(len)`` gets whole (see
+  ``SERVED_CHUNK_DEFAULT``). An empty chunk is not sent.
 * ``from`` is 1 when the sender is (ip1, port1); ``match`` is ``up`` for client
   to server and ``down`` for server to client on TCP (a proxy always knows the
   client); UDP datagrams carry ``match=up`` when a regex rule matched them and
@@ -78,6 +80,7 @@ from proxytap.proto.classify import DEFAULT, Classifier, interfaces
 from proxytap.proto.sftap import (
     REASONS,
     SERVED_CHUNK,
+    SERVED_CHUNK_DEFAULT,
     FlowHeaders,
     data_head,
     data_line,
@@ -232,7 +235,7 @@ class SftapServer(Sink):
         sndbuf: int = 4 << 20,
         overload: str = "drop",
         max_wait: float = 2.0,
-        chunk: int = SERVED_CHUNK,
+        chunk: int = SERVED_CHUNK_DEFAULT,
         on_gap: str = "skip",
         close_timeout: float = 1.0,
     ) -> None:
@@ -307,6 +310,7 @@ class SftapServer(Sink):
             overload=exp.overload,
             max_wait=exp.max_wait,
             on_gap=exp.on_gap,
+            chunk=exp.chunk,
         )
 
     # -- lifecycle ------------------------------------------------------------------

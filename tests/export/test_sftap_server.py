@@ -191,25 +191,32 @@ async def test_reasons(served: tuple[Hub, SftapServer]) -> None:
         flow = http_flow(hub, table, client=("10.0.0.1", 40000 + i))
         hub.closed(flow, reason, flow.start + 1)
         got.append((await reader.until(is_destroyed))[-1][0].reason)
-    assert got == ["NORMAL", "RESET", "TIMEOUT", "RESET"]
+    assert got == ["NORMAL", "RESET", "TIMEOUT", "RESET", "SHUTDOWN"]
 
 
-async def test_large_chunk_split_at_65535(served: tuple[Hub, SftapServer]) -> None:
-    hub, server = served
-    reader = await tap(server, "tcp/http")
-    flow = http_flow(hub, FlowTable())
-    big = os.urandom(200_000)
-    hub.data(flow, DOWN, big, flow.start + 1)
-    hub.closed(flow, CloseReason.NORMAL, flow.start + 2)
-    events = await reader.until(is_destroyed)
-    lens = [ev.length for ev, _ in events if ev.event == DATA]
-    assert lens == [len(REQ), len(RESP), 65535, 65535, 65535, 200_000 - 3 * 65535]
-    (rec,) = check_stream(events).values()
-    assert bytes(rec.down) == RESP + big
+@pytest.mark.parametrize("chunk", [None, 65535])
+async def test_large_chunk_split(home: Path, chunk: int | None) -> None:
+    """32 KiB by default (one kernel socket buffer per message); up to 65535 when set."""
+    hub, server = await started(home, **({} if chunk is None else {"chunk": chunk}))
+    try:
+        size = chunk or 32768
+        reader = await tap(server, "tcp/http")
+        flow = http_flow(hub, FlowTable())
+        big = os.urandom(200_000)
+        hub.data(flow, DOWN, big, flow.start + 1)
+        hub.closed(flow, CloseReason.NORMAL, flow.start + 2)
+        events = await reader.until(is_destroyed)
+        lens = [ev.length for ev, _ in events if ev.event == DATA]
+        whole, rest = divmod(200_000, size)
+        assert lens == [len(REQ), len(RESP), *[size] * whole, rest]
+        (rec,) = check_stream(events).values()
+        assert bytes(rec.down) == RESP + big
+    finally:
+        await server.stop()
 
 
 async def test_binary_format(home: Path) -> None:
-    hub, server = await started(home, formats={"tcp/http": "binary"})
+    hub, server = await started(home, formats={"tcp/http": "binary"}, chunk=65535)
     try:
         reader = await tap(server, "tcp/http", binary=True)
         flow = http_flow(hub, FlowTable(), server=("2001:db8::1", 80), client=("2001:db8::2", 1))
