@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import textwrap
 from collections import Counter
 from pathlib import Path
@@ -20,7 +21,16 @@ from python_socks.async_.asyncio import Proxy
 from proxytap.config import Config, ListenerConfig, ModulesConfig
 from proxytap.errors import ConfigError
 from proxytap.modules.loader import build_chains, check_modules, header_rules
-from tests.conftest import TEST_ACCESS, ProxyFactory, RawServer, RunningProxy, exchange, here, run
+from tests.conftest import (
+    TEST_ACCESS,
+    ProxyFactory,
+    RawServer,
+    RunningProxy,
+    exchange,
+    here,
+    run,
+    wait_until,
+)
 from tests.front.test_http_forward import Script, error_reply, ok, read_message
 
 ADDONS = here().parent / "addons"
@@ -204,12 +214,12 @@ async def test_check_config_and_run_report_a_broken_module(tmp_path: Path) -> No
         f"[[listeners]]\nkind = 'http'\naddress = '127.0.0.1:0'\n"
         f"client_to_server = ['validate', 'broken']\n[modules]\npath = ['{tmp_path}']\n"
     )
-    proxytap = str(here().parent / ".venv" / "bin" / "proxytap")
-    code, out, err = await run(proxytap, "check-config", str(conf))
+    proxytap = (sys.executable, "-m", "proxytap")  # the interpreter running the tests
+    code, out, err = await run(*proxytap, "check-config", str(conf))
     assert code == 2, (out, err)
     assert b"listeners[0].client_to_server: module 'broken'" in err
     assert b"ModuleNotFoundError" in err
-    code, out, err = await run(proxytap, "run", "--config", str(conf), "--admin", "off")
+    code, out, err = await run(*proxytap, "run", "--config", str(conf), "--admin", "off")
     assert code == 2, (out, err)
     assert b"config error: listeners[0].client_to_server: module 'broken'" in err
     good = tmp_path / "good.toml"
@@ -218,7 +228,7 @@ async def test_check_config_and_run_report_a_broken_module(tmp_path: Path) -> No
         f"client_to_server = ['validate', 'rewrite', 'strip_tracking']\n"
         f"[modules]\npath = ['{ADDONS}']\n"
     )
-    code, out, err = await run(proxytap, "check-config", str(good))
+    code, out, err = await run(*proxytap, "check-config", str(good))
     assert code == 0, (out, err)
 
 
@@ -397,7 +407,7 @@ async def test_refusals_and_header_changes_both_ways(
     assert got.startswith(b"HTTP/1.1 403 Forbidden\r\n") and got.endswith(
         b"port 9 is closed here\n"
     )
-    await asyncio.sleep(0.1)
+    await wait_until(lambda: len(gate.closed) == 6, what="on_close for every exchange")
     assert sorted(gate.closed) == sorted(
         [("http-forward", "127.0.0.1", server.port)] * 3
         + [("http-forward", "127.0.0.1", 9), ("socks5", "127.0.0.1", 9)]

@@ -219,10 +219,15 @@ async def test_writes_follow_spec_section_4(home: Path) -> None:
         writer.datagram(("10.0.0.1", 5353), ("224.0.0.251", 5353), b"mdns", 9.0)
         writer.datagram(("10.0.0.1", 5353), ("224.0.0.251", 5353), b"", 9.0)
         writer.datagram(("10.0.0.1", 5353), ("224.0.0.251", 5353), os.urandom(20_000), 9.0)
+        # every event written (nothing queued) and read by the abstractor stand-in
         await wait_for(
-            lambda: ab.destroyed(40002) and any(e.key.l4 == "udp" for e, _ in ab.conn.events)
+            lambda: (
+                ab.destroyed(40002)
+                and any(e.key.l4 == "udp" for e, _ in ab.conn.events)
+                and channel.queued == 0
+                and len(ab.conn.events) == writer.events_sent
+            )
         )
-        await asyncio.sleep(0.05)
         conn = ab.conn
         assert conn.errors == []
         assert conn.live == set()

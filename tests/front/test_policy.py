@@ -28,6 +28,7 @@ from tests.conftest import (
     RunningProxy,
     exchange,
     run,
+    wait_until,
 )
 
 LISTENERS = (
@@ -305,5 +306,5 @@ async def test_sni_deny_keeps_bytes_from_the_origin(
     proxy: RunningProxy = await start_proxy(cfg)
     with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
         await tls_through_connect(proxy, f"localhost:{server.port}", "elsewhere.test", pki)
-    await asyncio.sleep(0.2)
+    await wait_until(lambda: received, what="the origin saw its connection end")
     assert received == [b""]
