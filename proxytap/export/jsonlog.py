@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+FILE_MODE = 0o640
 WRITE_ERROR = "write_error"
 BUFFER_FULL = "buffer_full"
 
@@ -277,7 +278,16 @@ class JsonFlowLog(Sink):
         return None
 
     def _open(self) -> None:
-        fh = open(self.path, "ab")  # noqa: SIM115 - kept open across writes
+        # The records name users, client addresses and requested hosts: a file
+        # proxytap creates is 0640 (owner and group), whatever the umask; an
+        # existing one keeps the mode its owner gave it.
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        except FileExistsError:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        else:
+            os.fchmod(fd, FILE_MODE)
+        fh = os.fdopen(fd, "ab")
         self._fh = fh
         self._size = os.fstat(fh.fileno()).st_size
 

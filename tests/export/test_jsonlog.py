@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,25 @@ async def test_never_blocks_and_drops_when_the_buffer_is_full(tmp_path: Path) ->
     await sink.flush()
     assert len(read_log(tmp_path / "flows.json")) == kept == sink.records
     await sink.stop()
+
+
+async def test_created_0640_whatever_the_umask_existing_files_keep_their_mode(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "flows.json"
+    old = os.umask(0)
+    try:
+        sink = JsonFlowLog(path)
+        await sink.start()
+        await sink.stop()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    path.chmod(0o600)  # an operator's choice is kept
+    sink = JsonFlowLog(path)
+    await sink.start()
+    await sink.stop()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 async def test_size_rotation_keeps_backups(tmp_path: Path) -> None:
@@ -338,11 +358,13 @@ async def test_sighup_reopens_the_flow_log(origin: Origin, tmp_path: Path) -> No
         await until("proxytap ready")
         await one_request()
         await wait_for(lambda: path.exists() and path.stat().st_size > 0, 5)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640  # it names users and clients
         os.rename(path, tmp_path / "flows.json.1")
         proc.send_signal(signal.SIGHUP)
         await until("reopening log files")
         await one_request()
         await wait_for(lambda: path.exists() and path.stat().st_size > 0, 5)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640  # the reopened file too
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
