@@ -20,14 +20,18 @@ Endpoints (all ``GET``; JSON unless said otherwise):
     SF-TAP flow-socket servers list each connected reader.
 ``/stats``
     Totals for ``proxytap flows --stats``: bytes, flows, connections, drops.
-``/ca.pem``
-    The interception CA certificate; 404 with a JSON error while TLS
-    interception is not configured.
+``/ca``, ``/ca.pem``, ``/ca.der``, ``/ca.p12``
+    The interception CA (``tls.ca_dir``): an HTML page with install steps for
+    Firefox, Chromium, macOS, Windows, Debian/Ubuntu, Android and iOS and the
+    certificate's SHA-256 fingerprint, and the certificate itself (never the
+    key); 404 with a JSON error while there is no CA.
 
-Authentication: with a token configured, every endpoint except ``/healthz``
-and ``/readyz`` needs ``Authorization: Bearer <token>`` (401 otherwise, with
-``WWW-Authenticate: Bearer``). The probes stay open because orchestrators'
-probes usually cannot carry secrets and they reveal nothing but up/ready. The
+Authentication: with a token configured, every endpoint except ``/healthz``,
+``/readyz`` and the CA's needs ``Authorization: Bearer <token>`` (401
+otherwise, with ``WWW-Authenticate: Bearer``). The probes stay open because
+orchestrators' probes usually cannot carry secrets and they reveal nothing but
+up/ready; the CA certificate is public by nature, and devices being set up
+fetch it. The
 server binds to loopback unless configured otherwise; a non-loopback address
 without a token is logged as a warning at start.
 """
@@ -39,6 +43,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -46,8 +51,12 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
 from proxytap import __version__
+from proxytap.errors import ConfigError
 from proxytap.export.sink import Sink
 from proxytap.flows.table import Flow
+from proxytap.intercept import ca as ca_lib
+from proxytap.intercept import onboarding
+from proxytap.intercept.ca import CA
 from proxytap.metrics import UNCLASSIFIED, register
 
 if TYPE_CHECKING:
@@ -55,7 +64,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("proxytap.admin")
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+# the probes, and the CA certificate and its install page (public by nature: devices
+# being set up fetch them, and they carry no secret)
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/ca", "/ca.pem", "/ca.der", "/ca.p12"})
+CA_TYPES = {
+    "pem": "application/x-pem-file",
+    "der": "application/x-x509-ca-cert",
+    "p12": "application/x-pkcs12",
+}
+NO_CA = "there is no CA in tls.ca_dir yet: 'proxytap ca init' creates one"
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 100_000
 
@@ -150,7 +167,9 @@ class AdminServer:
         webapp.router.add_get("/flows", self.flows)
         webapp.router.add_get("/subscribers", self.subscribers)
         webapp.router.add_get("/stats", self.stats)
-        webapp.router.add_get("/ca.pem", self.ca_pem)
+        webapp.router.add_get("/ca", self.ca_page)
+        for fmt in CA_TYPES:
+            webapp.router.add_get(f"/ca.{fmt}", self.ca_file)
         return webapp
 
     async def start(self) -> None:
@@ -283,8 +302,35 @@ class AdminServer:
             }
         )
 
-    async def ca_pem(self, request: web.Request) -> web.Response:
-        return _error(404, "TLS interception is not configured: there is no CA certificate")
+    def _ca(self) -> CA | None:
+        return ca_lib.load(Path(self.app.config.tls.ca_dir))
+
+    async def ca_file(self, request: web.Request) -> web.Response:
+        """``/ca.pem``, ``/ca.der``, ``/ca.p12``: the CA certificate (never its key)."""
+        try:
+            ca = self._ca()
+        except ConfigError as exc:
+            log.warning("admin: the CA cannot be served: %s", exc)
+            return _error(500, "the CA in tls.ca_dir cannot be read; see the proxy's log")
+        if ca is None:
+            return _error(404, NO_CA)
+        fmt = request.path.rpartition(".")[2]
+        return web.Response(
+            body=ca.export(fmt),
+            content_type=CA_TYPES[fmt],
+            headers={"Content-Disposition": f"attachment; filename=proxytap-ca.{fmt}"},
+        )
+
+    async def ca_page(self, request: web.Request) -> web.Response:
+        """``/ca``: how to install the CA on each kind of client, with its fingerprint."""
+        try:
+            ca = self._ca()
+        except ConfigError as exc:
+            log.warning("admin: the CA cannot be served: %s", exc)
+            return _error(500, "the CA in tls.ca_dir cannot be read; see the proxy's log")
+        if ca is None:
+            return _error(404, NO_CA)
+        return web.Response(text=onboarding.page(ca, "/"), content_type="text/html")
 
 
 def _is_loopback(host: str) -> bool:

@@ -35,6 +35,7 @@ examples:
   proxytap check-config deploy/proxytap.example.toml
   proxytap run --admin 127.0.0.1:9091 --log-flows /var/log/proxytap/flows.json
   proxytap tap /tmp/sf-tap/tcp/http --hexdump
+  proxytap ca init                              the interception CA in certs/ (tls.ca_dir)
   proxytap flows --once                         the live flow table, from the admin API
   proxytap flows --stats                        one line of totals and rates every 2 s
 """
@@ -140,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tap = sub.add_parser("tap", help="print the events of an SF-TAP flow socket", add_help=False)
     tap.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser(
+        "ca", help="the interception CA: init, show, export (proxytap ca -h)", add_help=False
+    )
     flows = sub.add_parser(
         "flows", help="show the live flow table or running totals (admin API)", add_help=False
     )
@@ -226,6 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from proxytap.export.tapcli import main as tap_main
 
         return tap_main(argv[1:])
+    if argv[:1] == ["ca"]:
+        from proxytap.intercept.cacli import main as ca_main
+
+        return ca_main(argv[1:])
     if argv[:1] == ["flows"]:
         from proxytap.flowscli import main as flows_main
 

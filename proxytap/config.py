@@ -173,8 +173,13 @@ class TlsCheckConfig:
     # "allow" (record only), "log" (record and warn), "deny" (close before it is sent)
     sni_mismatch: str = "log"
     inspect_timeout: float = 5.0  # seconds to wait for a whole ClientHello in "deny" mode
+    # the interception CA's directory (proxytap ca init): relative paths are from the
+    # working directory, so a checkout's `make run` uses its certs/
+    ca_dir: str = "certs"
 
     def validate(self, key: str) -> None:
+        if not self.ca_dir:
+            raise ConfigError(f"{key}.ca_dir", "must name a directory")
         if self.sni_mismatch not in SNI_MISMATCH:
             raise ConfigError(f"{key}.sni_mismatch", "must be allow, log or deny")
         if self.inspect_timeout <= 0:

@@ -22,7 +22,14 @@ from python_socks.async_.asyncio import Proxy
 
 from proxytap.admin import AdminServer
 from proxytap.app import App
-from proxytap.config import AdminConfig, Config, ExportConfig, ListenerConfig, LogConfig
+from proxytap.config import (
+    AdminConfig,
+    Config,
+    ExportConfig,
+    ListenerConfig,
+    LogConfig,
+    TlsCheckConfig,
+)
 from tests.conftest import TEST_ACCESS, Origin, ProxyFactory, RunningProxy, closed_port
 from tests.export.sftap_helpers import short_tmp, wait_for
 
@@ -299,7 +306,6 @@ async def test_bearer_token(start_proxy: ProxyFactory) -> None:
         ("/flows", 200),
         ("/subscribers", 200),
         ("/stats", 200),
-        ("/ca.pem", 404),
     ):
         for token, headers in (
             (None, None),
@@ -315,14 +321,20 @@ async def test_bearer_token(start_proxy: ProxyFactory) -> None:
         assert (await get(url + path, TOKEN))[0] == ok, path
 
 
-async def test_ca_pem_without_interception(start_proxy: ProxyFactory) -> None:
-    cfg = Config(listeners=LISTENERS, access=TEST_ACCESS, admin=AdminConfig("127.0.0.1:0"))
+async def test_ca_endpoints_without_a_ca(start_proxy: ProxyFactory, tmp_path: Path) -> None:
+    cfg = Config(
+        listeners=LISTENERS,
+        access=TEST_ACCESS,
+        admin=AdminConfig("127.0.0.1:0", token=TOKEN),
+        tls=TlsCheckConfig(ca_dir=str(tmp_path / "no-ca")),
+    )
     proxy: RunningProxy = await start_proxy(cfg)
-    status, body, hdrs = await get(admin_url(proxy) + "/ca.pem")
-    assert status == 404
-    assert hdrs["Content-Type"].startswith("application/json")
-    assert "interception is not configured" in body["error"]
-    status, body, _ = await get(admin_url(proxy) + "/nothing-here")
+    for path in ("/ca", "/ca.pem", "/ca.der", "/ca.p12"):  # open, like the probes: no token
+        status, body, hdrs = await get(admin_url(proxy) + path)
+        assert status == 404, path
+        assert hdrs["Content-Type"].startswith("application/json")
+        assert "proxytap ca init" in body["error"]
+    status, body, _ = await get(admin_url(proxy) + "/nothing-here", TOKEN)
     assert status == 404 and "error" in body
 
 
