@@ -205,7 +205,8 @@ class Channel:
 
     def forget(self, flow: Flow) -> None:
         """``flow`` ended: it is no longer held by this consumer."""
-        if self._held.pop(flow, 0) is None:
+        if flow in self._held:
+            del self._held[flow]
             flow.release(self)
 
     def drop(self, reason: str, payload: int) -> None:
