@@ -14,23 +14,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
 from typing import cast
 
 from proxytap.config import ListenerConfig
 from proxytap.errors import Failure, ProtocolError, UpstreamError, classify_os_error
-from proxytap.flows.table import CloseReason, Connection, Endpoint, endpoint
-from proxytap.front.inspect import HelloInspector
-from proxytap.front.modchain import filtering_sides
+from proxytap.flows.table import CloseReason, Connection, endpoint
+from proxytap.front.authn import auth_failed, check_proxy_authorization
 from proxytap.front.relay import Early, PendingUpstream, Relay, linger_close
+from proxytap.front.replies import http_error
 from proxytap.front.services import Services
-from proxytap.logstream import access
+from proxytap.front.tunnel import finished, relay_tunnel
 from proxytap.modules.api import Context, ModuleError
-from proxytap.policy.auth import (
-    parse_proxy_authorization,
-    proxy_authenticate_header,
-    socks4_userid_ok,
-)
+from proxytap.policy.auth import socks4_userid_ok
 from proxytap.policy.headers import RequestHead
 from proxytap.proto import httpconnect
 from proxytap.proto.socks import (
@@ -41,7 +36,6 @@ from proxytap.proto.socks import (
     ConnectRequest,
     SocksServer,
 )
-from proxytap.proto.tlshello import ClientHello
 
 log = logging.getLogger("proxytap.front")
 
@@ -187,11 +181,11 @@ class ClientConnection(asyncio.Protocol):
         if self.done:
             return
         self.socks.auth_result(ok)
+        assert self.conn is not None
         if ok:
-            assert self.conn is not None
             self.conn.user = request.username
         else:
-            self._auth_failed(request.username)
+            auth_failed(self.services, self.conn.client, request.username)
         self.transport.resume_reading()
         try:
             self._socks_step()
@@ -259,25 +253,60 @@ class ClientConnection(asyncio.Protocol):
     async def _http_user(self, credentials: tuple[str, ...]) -> str | None:
         """The authenticated user of a CONNECT, or None after answering 400/407."""
         auth = self.services.auth
-        assert auth is not None
-        realm = self.services.config.auth.realm
+        assert auth is not None and self.conn is not None
         if not credentials:
-            self._deny("auth", "proxy authentication required", status=407, realm=realm)
+            self._deny("auth", "proxy authentication required", status=407)
             return None
+        user, err = await check_proxy_authorization(auth, credentials[0])
+        if err is None:
+            return user
+        auth_failed(self.services, self.conn.client, user)
+        if err.status == 407:
+            self._deny("auth", err.reason, status=407, count=False)
+        else:
+            self._refuse(err)
+        return None
+
+    async def _admit(
+        self, host: str, port: int, credentials: tuple[str, ...] | None
+    ) -> tuple[bool, Context | None]:
+        """Authentication, the CONNECT port policy, the modules' ``on_connect``.
+
+        ``(False, None)`` when the tunnel was refused (and answered); else its
+        module context (None without modules).
+        """
+        services = self.services
+        conn = self.conn
+        assert conn is not None
+        if credentials is not None:  # HTTP CONNECT
+            if services.auth is not None:
+                user = await self._http_user(credentials)
+                if user is None or self.done:
+                    return False, None
+                conn.user = user
+            verdict = services.destinations.check_connect_port(port)
+            if not verdict.allowed:
+                services.refused(verdict.rule, "connect port denied")
+                self._connect_failed(host, port, Failure.DENIED, f"rule {verdict.rule}")
+                return False, None
+        chain = self.chain
+        if not chain.active:
+            return True, None
+        ctx = Context(
+            listener=self.listener.name,
+            protocol=self._protocol_name(),
+            client=conn.client,
+            host=host,
+            port=port,
+            user=conn.user,
+        )
         try:
-            user, password = parse_proxy_authorization(credentials[0])
+            chain.on_connect(ctx)
         except ProtocolError as exc:
-            self._auth_failed(None)
-            if exc.status == 407:
-                self._deny("auth", exc.reason, status=407, realm=realm, count=False)
-            else:
-                self._refuse(exc)
-            return None
-        if not await auth.check(user, password):
-            self._auth_failed(user)
-            self._deny("auth", "wrong user name or password", status=407, realm=realm, count=False)
-            return None
-        return user
+            chain.on_close(ctx)
+            self._module_refused(exc)
+            return False, None
+        return True, ctx
 
     async def _open_tunnel(
         self, host: str, port: int, early: bytes, credentials: tuple[str, ...] | None
@@ -286,137 +315,63 @@ class ClientConnection(asyncio.Protocol):
         client = self.transport
         conn = self.conn
         assert client is not None and conn is not None
-        if credentials is not None:
-            if services.auth is not None:
-                user = await self._http_user(credentials)
-                if user is None or self.done:
-                    return
-                conn.user = user
-            verdict = services.destinations.check_connect_port(port)
-            if not verdict.allowed:
-                services.refused(verdict.rule, "connect port denied")
-                self._connect_failed(host, port, Failure.DENIED, f"rule {verdict.rule}")
-                return
-        chain = self.chain
-        if chain.active:
-            ctx = Context(
-                listener=self.listener.name,
-                protocol=self._protocol_name(),
-                client=conn.client,
-                host=host,
-                port=port,
-                user=conn.user,
-            )
-            try:
-                chain.on_connect(ctx)
-            except ProtocolError as exc:
-                chain.on_close(ctx)
-                self._module_refused(exc)
-                return
-            self.ctx = ctx
+        admitted, self.ctx = await self._admit(host, port, credentials)
+        if not admitted:
+            return
         try:
             server, pending, peer = await services.open(host, port, conn.user, PendingUpstream)
         except UpstreamError as exc:
             self._close_ctx()
             self._connect_failed(host, port, exc.failure, exc.detail)
             return
-        local: Endpoint | None = None
-        if self.socks is not None:  # BND.ADDR in the reply; HTTP has no use for it
-            try:
-                local = endpoint(server.get_extra_info("sockname"))
-            except (OSError, TypeError, ValueError) as exc:
-                server.close()
-                self._close_ctx()
-                self._connect_failed(host, port, classify_os_error(exc), repr(exc))
-                return
+        reply = self._success_reply(server, host, port)
+        if reply is None:
+            return
         if self.done or client.is_closing():
             server.close()
             self._close_ctx()
             self._close("client went away while connecting")
             return
-        now = time.time()
-        flow = services.table.open_flow(conn, peer, host, port, now)
-        hub = services.hub
-        if hub is not None:
-            hub.opened(flow)
-        if self.socks is not None:
-            assert local is not None
-            client.write(self.socks.reply(0x00, local))
-        else:
-            client.write(httpconnect.connect_established(self.http_version))
+        flow = services.open_flow(conn, peer, host, port)
+        client.write(reply)
         self._handed_over()
-        relay = Relay(flow, hub, services.config.timeouts.idle, self._relay_done)
-        services.live.add(relay)
-        sides = None
-        if self.ctx is not None:
-            self.ctx.server = flow.server
-            self.ctx.flow = flow
-            if chain.filters:
-                sides = filtering_sides(chain, self.ctx)
-        log.debug(
-            "tunnel %s %s:%d -> %s:%d (%s:%d) open",
-            conn.protocol,
-            *conn.client,
-            host,
-            port,
-            *peer,
-        )
         held = self.early
         assert held is not None
         if held.chunks:
             early += b"".join(held.chunks)
             held.chunks = []
-        relay.start(
+        relay_tunnel(
+            services,
+            flow,
             client,
             server,
             pending,
             early,
-            services.config.limits.write_buffer_high,
-            client_eof=held.eof,
-            inspect=self._inspector,
-            sides=sides,
+            held.eof,
+            self.chain,
+            self.ctx,
+            self._relay_done,
         )
-
-    def _inspector(self, relay: Relay) -> HelloInspector:
-        tls = self.services.config.tls
-
-        def mismatch(hello: ClientHello) -> None:
-            flow = relay.flow
-            self.services.refused("sni-mismatch", tls.sni_mismatch)
-            self.services.stats.sni_mismatches += 1
-            if tls.sni_mismatch != "allow":
-                log.warning(
-                    "sni mismatch (%s): %s %s:%d asked for %s:%d, its ClientHello names %s",
-                    tls.sni_mismatch,
-                    flow.tunnel,
-                    *flow.client,
-                    flow.requested_host,
-                    flow.requested_port,
-                    hello.sni,
-                )
-
-        return HelloInspector(relay, tls.sni_mismatch, tls.inspect_timeout, mismatch)
 
     def _relay_done(self, relay: Relay, reason: CloseReason) -> None:
-        services = self.services
-        flow = relay.flow
-        now = time.time()
         self._close_ctx()
-        services.flow_closed(flow, reason, now)
-        services.table.close_connection(flow.outer)
-        services.live.discard(relay)
-        access(
-            "tunnel %s %s:%d -> %s:%d (%s:%d) %s up=%d down=%d %.3fs",
-            flow.tunnel,
-            *flow.client,
-            flow.requested_host,
-            flow.requested_port,
-            *flow.server,
-            reason.value,
-            flow.bytes_up,
-            flow.bytes_down,
-            now - flow.start,
-        )
+        finished(self.services, relay, reason)
+
+    def _success_reply(self, server: asyncio.Transport, host: str, port: int) -> bytes | None:
+        """The reply once connected (SOCKS: BND.ADDR is the upstream socket's address).
+
+        None when that address cannot be had: answered as a connect failure.
+        """
+        if self.socks is None:
+            return httpconnect.connect_established(self.http_version)
+        try:
+            local = endpoint(server.get_extra_info("sockname"))
+        except (OSError, TypeError, ValueError) as exc:
+            server.close()
+            self._close_ctx()
+            self._connect_failed(host, port, classify_os_error(exc), repr(exc))
+            return None
+        return self.socks.reply(0x00, local)
 
     def _protocol_name(self) -> str:
         assert self.conn is not None
@@ -461,19 +416,12 @@ class ClientConnection(asyncio.Protocol):
             self._http_error(failure.http_status, failure.description, failure.value)
         self._close(f"connect failed: {failure.value}", linger=True)
 
-    def _auth_failed(self, user: str | None) -> None:
-        assert self.conn is not None
-        self.services.refused("auth", "bad credentials")
-        self.services.stats.auth_failures += 1
-        log.info("client %s:%d authentication failed (user %r)", *self.conn.client, user)
-
     def _deny(
         self,
         rule: str,
         reason: str,
         *,
         status: int | None = None,
-        realm: str | None = None,
         count: bool = True,
     ) -> None:
         """A policy refusal: 403/407/503 for HTTP, 0x02 (0x01 for limits) / 0x5B for SOCKS.
@@ -489,9 +437,8 @@ class ClientConnection(asyncio.Protocol):
         else:
             if status is None:
                 status = 503 if limit else 403
-            extra = [proxy_authenticate_header(realm)] if realm is not None else []
             error = "connection_limit_reached" if limit else "http_request_denied"
-            self._http_error(status, reason, error, extra)
+            self._http_error(status, reason, error)
         log.info("client %s:%d refused by %s: %s", *self.conn.client, rule, reason)
         self._close(f"refused by {rule}", linger=True)
 
@@ -569,24 +516,12 @@ class ClientConnection(asyncio.Protocol):
             self._http_error(408, "the request head did not arrive in time", "http_request_error")
         self._close("handshake timeout", linger=True)
 
-    def _http_error(
-        self,
-        status: int,
-        reason: str,
-        proxy_status: str,
-        extra_headers: Sequence[tuple[str, str]] = (),
-    ) -> None:
+    def _http_error(self, status: int, reason: str, proxy_status: str) -> None:
         """A final HTTP error answer: text/plain reason, Proxy-Status, Connection: close."""
         assert self.transport is not None
+        config = self.services.config
         self.transport.write(
-            httpconnect.error_response(
-                status,
-                reason,
-                proxy_status,
-                version=self.http_version,
-                proxy_name=self.services.config.proxy_name,
-                extra_headers=extra_headers,
-            )
+            http_error(config, status, reason, proxy_status, version=self.http_version)
         )
 
     def _handed_over(self) -> None:

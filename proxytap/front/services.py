@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ from proxytap.config import Config
 from proxytap.errors import Failure, UpstreamError
 from proxytap.export.hub import Hub
 from proxytap.flows.stats import Stats
-from proxytap.flows.table import CloseReason, Endpoint, Flow, FlowTable, endpoint
+from proxytap.flows.table import CloseReason, Connection, Endpoint, Flow, FlowTable, endpoint
 from proxytap.front.authn import Authenticator
 from proxytap.front.shedding import FdBudget, LogWindow
 from proxytap.front.upstream import (
@@ -114,6 +113,18 @@ class Services:
     def refused(self, rule: str, reason: str) -> None:
         self.stats.refusals[(rule, reason)] += 1
 
+    def open_flow(self, conn: Connection, peer: Endpoint, host: str, port: int) -> Flow:
+        """The tap step, for tunnels and forwarded HTTP alike: an inner flow begins.
+
+        ``peer`` is the address actually connected to (from ``open``): the
+        flow's true destination. The flow is in the table and announced to
+        the hub (CREATED) before a byte of it is relayed.
+        """
+        flow = self.table.open_flow(conn, peer, host, port, time.time())
+        if self.hub is not None:
+            self.hub.opened(flow)
+        return flow
+
     def flow_closed(self, flow: Flow, reason: CloseReason, now: float) -> None:
         """The one place an inner flow ends: hub, flow table, counters."""
         if self.hub is not None:
@@ -177,15 +188,15 @@ class Services:
         table = self.table
         return fds.full(len(table.connections) + 1, len(table.flows), self.lingering)
 
-    async def connect(self, host: str, port: int, user: str | None = None) -> socket.socket:
-        """Policy, then resolve and connect: a connected socket (see ``open``)."""
-        connector = self.connector
-        return await self._upstream(host, port, user, connector.connect, socket.socket.close)
-
     async def open[P: asyncio.BaseProtocol](
         self, host: str, port: int, user: str | None, factory: Callable[[], P]
     ) -> tuple[asyncio.Transport, P, Endpoint]:
         """Policy, then resolve and connect: a transport driven by ``factory()``.
+
+        The one upstream-connect API, for tunnels and forwarded HTTP alike.
+        ``factory`` is called once per attempt (Happy Eyeballs may race
+        several): callers pass a small holding protocol (``PendingUpstream``)
+        and hand the winner's transport to their own with ``set_protocol``.
 
         The name is judged before any lookup, every resolved address right
         before it would be contacted (a denied address is never sent a

@@ -21,7 +21,9 @@ from contextlib import contextmanager
 import pytest
 
 from proxytap.front.handshake import ClientConnection
-from proxytap.front.http_forward import HttpForwarder, _Request, _Upstream
+from proxytap.front.http_exchange import Exchange
+from proxytap.front.http_forward import HttpForwarder
+from proxytap.front.http_upstream import UpstreamConnection
 from proxytap.front.inspect import HelloInspector
 from proxytap.front.relay import _FINISHED, PendingUpstream, Relay, _Side
 from tests.conftest import Origin, ProxyFactory, RawServer, RunningProxy, closed_port
@@ -35,8 +37,8 @@ TRACKED = (
     Relay,
     _Side,
     HttpForwarder,
-    _Upstream,
-    _Request,
+    UpstreamConnection,
+    Exchange,
 )
 
 
@@ -170,7 +172,7 @@ async def test_forwarder_freed_after_keep_alive_requests(
             writer.write(get(origin.port))
             assert (await read_head(reader)).startswith(b"HTTP/1.1 200")
             assert await asyncio.wait_for(reader.readuntil(b"hello GET /hello"), 5)
-        assert census() >= Counter({"HttpForwarder": 1, "_Upstream": 1})
+        assert census() >= Counter({"HttpForwarder": 1, "UpstreamConnection": 1})
         writer.close()
         await wait_freed(proxy)
 
@@ -199,7 +201,7 @@ async def test_forwarder_freed_after_an_upload_cut_off(
         while not server.accepted:  # the request is on its way: a request mid-body, upstream
             assert time.monotonic() < deadline
             await asyncio.sleep(0.01)
-        assert census() >= Counter({"HttpForwarder": 1, "_Upstream": 1, "_Request": 1})
+        assert census() >= Counter({"HttpForwarder": 1, "UpstreamConnection": 1, "Exchange": 1})
         writer.close()
         await wait_freed(proxy)
 
@@ -220,6 +222,6 @@ async def test_forwarder_freed_after_a_websocket(
         assert (await read_head(reader)).startswith(b"HTTP/1.1 101")
         writer.write(b"ping")
         assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
-        assert census() >= Counter({"HttpForwarder": 1, "_Upstream": 1})
+        assert census() >= Counter({"HttpForwarder": 1, "UpstreamConnection": 1})
         writer.close()
         await wait_freed(proxy)
