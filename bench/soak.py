@@ -1170,7 +1170,10 @@ def summary_lines(r: dict[str, Any]) -> list[str]:
         f"{fmt_bytes(last.get('bytes', 0))} on {last.get('sockets', '?')} sockets; "
         f"export subscribers min/max/last {ex['subscribers_min_max_last']}",
         f"export: sent {fmt_bytes(sent)}, dropped {fmt_bytes(dropped)}{share}"
-        + (f" [{drops}]" if drops else ""),
+        + (f" [{drops}]" if drops else "")
+        # a reader sees only flows created after it connected: what a flow relays
+        # after its reader was killed reaches no one and is not counted as dropped
+        + f"; proxytap relayed {fmt_bytes(pc['relayed_bytes'])} (both directions)",
         "proxytap counters: " + ", ".join(f"{k} {v:.0f}" for k, v in err_counts.items()),
         f"drain: {'drained' if tot['drain']['drained'] else 'NOT drained'} in "
         f"{tot['drain']['secs']} s {tot['drain']['left']}",
