@@ -50,6 +50,7 @@ import fcntl
 import logging
 import socket
 import termios
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -225,9 +226,10 @@ class Channel:
     def waiting(self) -> bool:
         return bool(self._held)
 
-    def waited(self, now: float) -> float:
+    def waited(self) -> float:
         """Seconds this consumer has held flows, a hold in progress included."""
-        return self.wait_seconds + (now - self._wait_start if self._held else 0.0)
+        held = time.monotonic() - self._wait_start if self._held else 0.0
+        return self.wait_seconds + held
 
     async def drain(self, timeout: float) -> None:
         """Wait until everything queued is sent (or ``timeout`` passes)."""
@@ -345,7 +347,7 @@ class Channel:
         if flow in held:
             return
         if not held:
-            self._wait_start = self.loop.time()
+            self._wait_start = time.monotonic()  # the loop's clock may be in whole ms
             self._wait_timer = self.loop.call_later(self.max_wait, self._lapse)
         held[flow] = None
         flow.hold(self)
@@ -370,7 +372,7 @@ class Channel:
         if not held:
             return
         self._held = {}
-        self.wait_seconds += self.loop.time() - self._wait_start
+        self.wait_seconds += time.monotonic() - self._wait_start
         if self._wait_timer is not None:
             self._wait_timer.cancel()
             self._wait_timer = None

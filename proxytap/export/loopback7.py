@@ -222,8 +222,7 @@ class Loopback7Writer(Sink):
     @property
     def wait_seconds(self) -> float:
         ch = self._channel
-        now = asyncio.get_running_loop().time() if ch is not None else 0.0
-        return self._done.waited + (ch.waited(now) if ch is not None else 0.0)
+        return self._done.waited + (ch.waited() if ch is not None else 0.0)
 
     @property
     def drops(self) -> dict[str, int]:

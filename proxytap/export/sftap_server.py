@@ -451,11 +451,7 @@ class SftapServer(Sink):
     @property
     def wait_seconds(self) -> float:
         """Time readers held flows (summed over readers), including a wait in progress."""
-        now = asyncio.get_running_loop().time() if self.readers else 0.0
-        total = self._retired.waited
-        for r in self.readers:
-            total += r.channel.waited(now)
-        return total
+        return self._retired.waited + sum(r.channel.waited() for r in self.readers)
 
     @property
     def drops(self) -> dict[str, int]:
