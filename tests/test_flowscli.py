@@ -9,7 +9,7 @@ import re
 import sys
 from typing import Any
 
-from proxytap.config import AdminConfig, Config, ListenerConfig
+from proxytap.config import AdminConfig, Config, ExportConfig, ListenerConfig
 from proxytap.flowscli import age, human, render_table, stats_line
 from tests.conftest import TEST_ACCESS, Origin, ProxyFactory, RunningProxy, closed_port, run
 from tests.export.sftap_helpers import wait_for
@@ -107,7 +107,12 @@ def test_stats_line_rates() -> None:
 
 async def live_proxy(start_proxy: ProxyFactory, origin: Origin, token: str | None = None) -> Any:
     cfg = Config(
-        listeners=LISTENERS, access=TEST_ACCESS, admin=AdminConfig("127.0.0.1:0", token=token)
+        listeners=LISTENERS,
+        access=TEST_ACCESS,
+        admin=AdminConfig("127.0.0.1:0", token=token),
+        # the second tunnel stays quiet and must still show as unclassified ("-") when
+        # the table is read: no classification by time during the test
+        export=ExportConfig(classify_timeout=3600.0),
     )
     proxy: RunningProxy = await start_proxy(cfg)
     r1, w1 = await asyncio.open_connection(*proxy.http)
