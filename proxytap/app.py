@@ -180,7 +180,7 @@ async def serve(app: App) -> int:
     loop.add_signal_handler(signal.SIGHUP, app.reopen_logs)
     # Collector policy. A closed tunnel or forwarder connection is freed by
     # reference counting: it breaks its own reference cycles as it ends
-    # (Relay.finish, HttpForwarder._teardown, _Upstream._unhook; checked with
+    # (Relay.finish, HttpForwarder._teardown, UpstreamConnection._unhook; checked with
     # the collector off by tests/front/test_release.py). So the cyclic collector
     # has nothing per connection to free and is tuned for throughput alone:
     # what start-up built lives for the whole run and is frozen out of it (once,

@@ -9,7 +9,10 @@ and the reverse direction keeps flowing until it ends too. A reset on one
 side resets the other. An idle timer closes tunnels with no bytes either way.
 
 Every chunk goes to the export hub synchronously (``Hub.data``); the hub never
-blocks, so the tap never slows the relay beyond its own CPU cost.
+blocks. With the default export policy (``drop``) the tap never slows the
+relay beyond its own CPU cost; under ``wait`` an export consumer that is
+behind holds the flow (``export_hold``): both sides stop being read, like the
+relay's own backpressure, until the consumer catches up or ``max_wait`` passes.
 """
 
 from __future__ import annotations
