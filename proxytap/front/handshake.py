@@ -22,11 +22,11 @@ from proxytap.flows.table import CloseReason, Connection, endpoint
 from proxytap.front.authn import auth_failed, check_proxy_authorization
 from proxytap.front.relay import Early, PendingUpstream, Relay, linger_close
 from proxytap.front.replies import http_error
-from proxytap.front.services import Services
+from proxytap.front.services import CLIENT_ACL, SOCKS4_USERID, Services
 from proxytap.front.tunnel import finished, relay_tunnel
 from proxytap.modules.api import Context, ModuleError
 from proxytap.policy.auth import socks4_userid_ok
-from proxytap.policy.headers import RequestHead
+from proxytap.policy.message import RequestHead
 from proxytap.proto import httpconnect
 from proxytap.proto.socks import (
     NEED_DATA,
@@ -40,6 +40,8 @@ from proxytap.proto.socks import (
 log = logging.getLogger("proxytap.front")
 
 SOCKS_VERSIONS = (0x04, 0x05)
+# refusals at the handshake that access policy decides (the rest: limits, authentication)
+POLICY_RULES = frozenset((CLIENT_ACL, SOCKS4_USERID))
 
 
 class ClientConnection(asyncio.Protocol):
@@ -164,7 +166,7 @@ class ClientConnection(asyncio.Protocol):
                     return
                 allowed = self.services.config.auth.socks4_userids
                 if event.version == 4 and not socks4_userid_ok(event.user_id, allowed):
-                    self._deny("socks4-userid", "SOCKS4 user id not accepted")
+                    self._deny(SOCKS4_USERID, "SOCKS4 user id not accepted")
                     return
                 self._begin(event.host, event.port, event.protocol, socks.trailing_data())
                 return
@@ -286,7 +288,7 @@ class ClientConnection(asyncio.Protocol):
                 conn.user = user
             verdict = services.destinations.check_connect_port(port)
             if not verdict.allowed:
-                services.refused(verdict.rule, "connect port denied")
+                services.denied(self.listener.name, verdict.rule, "connect port denied")
                 self._connect_failed(host, port, Failure.DENIED, f"rule {verdict.rule}")
                 return False, None
         chain = self.chain
@@ -319,7 +321,9 @@ class ClientConnection(asyncio.Protocol):
         if not admitted:
             return
         try:
-            server, pending, peer = await services.open(host, port, conn.user, PendingUpstream)
+            server, pending, peer = await services.open(
+                host, port, conn.user, PendingUpstream, listener=self.listener.name
+            )
         except UpstreamError as exc:
             self._close_ctx()
             self._connect_failed(host, port, exc.failure, exc.detail)
@@ -429,7 +433,11 @@ class ClientConnection(asyncio.Protocol):
         ``count=False`` when the caller has counted the refusal already.
         """
         assert self.transport is not None and self.conn is not None
-        if count:
+        if not count:
+            pass
+        elif rule in POLICY_RULES:
+            self.services.denied(self.listener.name, rule, reason)
+        else:
             self.services.refused(rule, reason)
         limit = rule.startswith("max-connections")
         if self.socks is not None:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Final
 from proxytap.errors import ProtocolError
 from proxytap.logstream import access
 from proxytap.modules.api import Context
-from proxytap.policy.headers import RequestHead, serialize
+from proxytap.policy.message import RequestHead, serialize
 from proxytap.proto.http1 import request_head
 
 if TYPE_CHECKING:

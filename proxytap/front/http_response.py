@@ -34,7 +34,7 @@ import httptools
 from proxytap.errors import ProtocolError
 from proxytap.front.http_exchange import ORIGIN_KEYS, BadResponse, ClientOut, Exchange, UpPhase
 from proxytap.modules.api import Context
-from proxytap.policy.headers import serialize
+from proxytap.policy.message import serialize
 from proxytap.proto.http1 import (
     CRLF,
     END_CHUNKED,

@@ -110,14 +110,11 @@ from proxytap.policy.message import (
     Fields,
     RequestHead,
     ResponseHead,
-    as_bytes,
     remove_fields,
     request_error,
     response_error,
-    serialize,
-    split_head,
 )
-from proxytap.policy.target import ORIGIN_FORM_REASON, Target, parse_host, parse_target
+from proxytap.policy.target import parse_host, parse_target
 from proxytap.proto.httpconnect import parse_authority
 
 __all__ = [
@@ -128,20 +125,6 @@ __all__ = [
     "HeaderRules",
     "HttpConfig",
 ]
-# Transitional: proxytap/front/* (being restructured) still imports these from here.
-# Everything else imports them from their homes, proxytap.policy.message and
-# proxytap.policy.target; drop them once front/ does too.
-__all__ += [
-    "ORIGIN_FORM_REASON",
-    "RequestHead",
-    "ResponseHead",
-    "Target",
-    "as_bytes",
-    "parse_target",
-    "serialize",
-    "split_head",
-]
-
 DEFAULT_METHODS: Final = (
     "GET",
     "HEAD",
