@@ -34,6 +34,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from proxytap import __version__
 from proxytap.errors import Failure
 from proxytap.flows.stats import Buckets
+from proxytap.front.services import CLIENT_ACL
+from proxytap.policy.acl import CONNECT_PORTS
 
 if TYPE_CHECKING:
     from proxytap.app import App
@@ -92,6 +94,12 @@ METRICS: dict[str, tuple[str, str]] = {
     "proxytap_downstream_rejections_total": (
         "counter",
         "Client requests refused by policy, limits or authentication, by rule and reason",
+    ),
+    "proxytap_policy_denied_total": (
+        "counter",
+        "Requests refused by access policy alone, by listener and rule (client-acl, "
+        "connect-ports, socks4-userid, an [[access.rules]] name, default-deny:<range>); "
+        "never counted as upstream connect errors",
     ),
     "proxytap_downstream_auth_failures_total": (
         "counter",
@@ -267,6 +275,9 @@ class ProxytapCollector(Collector):
         family = _counter("proxytap_downstream_rejections_total", ("rule", "reason"))
         _fill(family, stats.refusals)
         yield family
+        family = _counter("proxytap_policy_denied_total", ("listener", "rule"))
+        _fill(family, {**self._known_denials(), **stats.denied})
+        yield family
         yield CounterMetricFamily(
             "proxytap_downstream_auth_failures_total",
             METRICS["proxytap_downstream_auth_failures_total"][1],
@@ -331,6 +342,18 @@ class ProxytapCollector(Collector):
 
         # -- export -------------------------------------------------------------------
         yield from self._export(hub.subscriber_errors)
+
+    def _known_denials(self) -> dict[tuple[str, str], int]:
+        """Every (listener, rule) a denial can be counted under that is known up front."""
+        policy = self.app.services.destinations
+        rules = [CLIENT_ACL]
+        rules += [r.name for r in policy.rules if r.action == "deny"]
+        rules += sorted({f"default-deny:{r.label}" for r in policy.default_deny_ranges})
+        known: dict[tuple[str, str], int] = {}
+        for lst in self.app.config.listeners:
+            names = rules if lst.kind == "socks" else [*rules, CONNECT_PORTS]
+            known.update({(lst.name, rule): 0 for rule in names})
+        return known
 
     def _shedding(self) -> Iterator[Metric]:
         """Connections closed or refused to keep the proxy up (silent ones, descriptors)."""

@@ -314,6 +314,8 @@ async def test_scripted_session_exact_counters(
         lab(rule="auth", reason="bad credentials"): 1,
         lab(rule="no-blocked", reason="destination denied"): 1,
     }
+    denied = samples(m, "proxytap_policy_denied", "_total")
+    assert {k: v for k, v in denied.items() if v} == {lab(listener="http", rule="no-blocked"): 1}
     assert value(m, "proxytap_downstream_auth_failures", "_total") == 1
     assert samples(m, "proxytap_downstream_protocol_errors", "_total") == zeros(
         [lab(protocol="http"), lab(protocol="socks")]
@@ -325,10 +327,8 @@ async def test_scripted_session_exact_counters(
     # -- upstream -------------------------------------------------------------------
     check_histogram(m, "proxytap_upstream_connect_duration_seconds", 3)  # 1, 2, 6
     errors = samples(m, "proxytap_upstream_connect_errors", "_total")
-    assert {k: v for k, v in errors.items() if v} == {
-        lab(reason="destination_ip_prohibited"): 1,
-        lab(reason="connection_refused"): 1,
-    }
+    # the policy denial (3) is a denial, not a connect error: no connect was tried
+    assert {k: v for k, v in errors.items() if v} == {lab(reason="connection_refused"): 1}
     assert len(errors) == 10  # every Proxy-Status error type is exported
     assert samples(m, "proxytap_upstream_connections_active") == {}
 

@@ -14,6 +14,11 @@ from collections import Counter
 CONNECT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # seconds; flows live from milliseconds (an API call) to hours (a websocket)
 FLOW_BUCKETS = (0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0)
+# seconds; a plain-HTTP exchange (head read to response end) or a tunnel's set-up
+# (request read to reply sent): a cached LAN answer takes ~1 ms, a slow origin seconds
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
 
 
 class Buckets:
@@ -62,6 +67,9 @@ class Stats:
         self.protocol_errors: Counter[str] = Counter()
         # (rule, reason) -> refused requests (policy, limits, auth)
         self.refusals: Counter[tuple[str, str]] = Counter()
+        # (listener, rule) -> requests refused by access policy alone (client ACL,
+        # CONNECT ports, destination rules and default-denied ranges): not connect errors
+        self.denied: Counter[tuple[str, str]] = Counter()
         self.auth_failures = 0
         self.sni_mismatches = 0
         # module name -> hook calls that raised (or broke a head) and failed closed

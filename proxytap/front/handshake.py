@@ -433,11 +433,9 @@ class ClientConnection(asyncio.Protocol):
         ``count=False`` when the caller has counted the refusal already.
         """
         assert self.transport is not None and self.conn is not None
-        if not count:
-            pass
-        elif rule in POLICY_RULES:
+        if count and rule in POLICY_RULES:
             self.services.denied(self.listener.name, rule, reason)
-        else:
+        elif count:
             self.services.refused(rule, reason)
         limit = rule.startswith("max-connections")
         if self.socks is not None:

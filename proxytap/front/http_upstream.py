@@ -79,7 +79,7 @@ class UpstreamConnection(ResponseReader):
     async def connect(self) -> None:
         try:
             transport, pending, peer = await self.services.open(
-                self.host, self.port, self.conn.user, PendingUpstream
+                self.host, self.port, self.conn.user, PendingUpstream, listener=self.conn.listener
             )
         except UpstreamError as exc:
             self._connect_failed(exc.failure, exc.detail)

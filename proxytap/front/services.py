@@ -47,6 +47,8 @@ class Silent(Protocol):
 
 PER_CLIENT = "max-connections-per-client"
 GLOBAL = "max-connections"
+CLIENT_ACL = "client-acl"
+SOCKS4_USERID = "socks4-userid"
 
 
 class TaskSet:
@@ -113,6 +115,11 @@ class Services:
     def refused(self, rule: str, reason: str) -> None:
         self.stats.refusals[(rule, reason)] += 1
 
+    def denied(self, listener: str, rule: str, reason: str) -> None:
+        """An access-policy refusal: a rejection, and counted per listener and rule."""
+        self.stats.refusals[(rule, reason)] += 1
+        self.stats.denied[(listener, rule)] += 1
+
     def open_flow(self, conn: Connection, peer: Endpoint, host: str, port: int) -> Flow:
         """The tap step, for tunnels and forwarded HTTP alike: an inner flow begins.
 
@@ -141,7 +148,7 @@ class Services:
         limits = self.config.limits
         count = self.table.per_client.get(client_ip, 0)
         if not self.clients.allowed(client_ip):
-            return ("client-acl", "client address not allowed")
+            return (CLIENT_ACL, "client address not allowed")
         if limits.max_connections and len(self.table.connections) > limits.max_connections:
             return (GLOBAL, "connection limit reached")
         if limits.max_connections_per_client and count > limits.max_connections_per_client:
@@ -189,7 +196,13 @@ class Services:
         return fds.full(len(table.connections) + 1, len(table.flows), self.lingering)
 
     async def open[P: asyncio.BaseProtocol](
-        self, host: str, port: int, user: str | None, factory: Callable[[], P]
+        self,
+        host: str,
+        port: int,
+        user: str | None,
+        factory: Callable[[], P],
+        *,
+        listener: str,
     ) -> tuple[asyncio.Transport, P, Endpoint]:
         """Policy, then resolve and connect: a transport driven by ``factory()``.
 
@@ -202,7 +215,9 @@ class Services:
         before it would be contacted (a denied address is never sent a
         packet). Also returns the address connected to, so callers need not ask
         the transport for it.
-        ``UpstreamError`` names the failure.
+        ``UpstreamError`` names the failure. A policy denial is counted as a
+        denial of ``listener`` (``stats.denied``), not as a connect error: no
+        connect was tried, and alerting on connect errors should not page for it.
         """
         connector = self.connector
 
@@ -213,21 +228,21 @@ class Services:
         def discard(made: tuple[asyncio.Transport, P, Endpoint]) -> None:
             made[0].close()
 
-        return await self._upstream(host, port, user, attempt, discard)
+        return await self._upstream(host, port, user, listener, attempt, discard)
 
     async def _upstream[T](
         self,
         host: str,
         port: int,
         user: str | None,
+        listener: str,
         attempt: Callable[[int, SockAddr], Awaitable[T]],
         discard: Callable[[T], None],
     ) -> T:
         decision = self.destinations.check_name(host, port, user)
         if decision is not None and not decision.allowed:
             failure = decision.failure or Failure.DENIED
-            self.stats.connect_errors[failure.value] += 1
-            self.refused(decision.rule, "destination denied")
+            self.denied(listener, decision.rule, "destination denied")
             raise UpstreamError(failure, f"rule {decision.rule}")
         policy = self.destinations
         denied_by: list[str] = []
@@ -254,9 +269,10 @@ class Services:
                 check=check,
             )
         except UpstreamError as exc:
-            self.stats.connect_errors[exc.failure.value] += 1
             if exc.failure is Failure.PROHIBITED and denied_by:
-                self.refused(denied_by[0], "destination denied")
+                self.denied(listener, denied_by[0], "destination denied")
+            else:
+                self.stats.connect_errors[exc.failure.value] += 1
             raise
         self.stats.connect_seconds.observe(time.monotonic() - started)
         return made

@@ -97,6 +97,7 @@ MAX_HOST: Final = 255
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 _NAT64_HIGH: Final = int(ipaddress.IPv6Address("64:ff9b::")) >> 32
 _RULE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+CONNECT_PORTS = "connect-ports"  # the rule name of CONNECT port refusals
 _RESERVED_NAMES = ("default-", "connect-ports", "invalid-")
 _LABEL = re.compile(r"[a-z0-9_-]{1,63}")
 _PORT_RANGE = re.compile(r"\s*([0-9]{1,5})\s*(?:-\s*([0-9]{1,5})\s*)?")
@@ -544,8 +545,8 @@ class DestinationPolicy:
     def check_connect_port(self, port: int) -> Decision:
         """HTTP CONNECT only: is this port in ``connect_ports``?"""
         if port in self.connect_ports:
-            return Decision.allow("connect-ports")
-        return Decision.deny("connect-ports")
+            return Decision.allow(CONNECT_PORTS)
+        return Decision.deny(CONNECT_PORTS)
 
     def check_name(self, host: str, port: int, user: str | None = None) -> Decision | None:
         """Before resolving: a denial certain for every address ``host`` may resolve to, or None.
