@@ -106,6 +106,8 @@ def flow_json(flow: Flow, now: float) -> dict[str, Any]:
         "chunks_down": flow.chunks_down,
         "sni": flow.sni,
         "alpn": flow.alpn,
+        "ja3": flow.ja3,
+        "ja4": flow.ja4,
         "http_host": flow.http_host,
         "user": outer.user,
         "decrypted": flow.decrypted,

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Installs the real external tools the test suite drives (curl, htpasswd, promtool). Debian packages only; a no-op when they are present.
+# Installs the real external tools the test suite drives (curl, htpasswd, promtool, tshark: the JA3 oracle). Debian packages only; a no-op when they are present.
 set -euo pipefail
 need=()
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v htpasswd >/dev/null 2>&1 || need+=(apache2-utils)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v tshark >/dev/null 2>&1 || need+=(tshark)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "tests need: ${need[*]} (install them with apt-get, or run as root)" >&2

@@ -129,6 +129,8 @@ FLOW = {
     "chunks_down": int,
     "sni": (str, None),
     "alpn": (str, None),
+    "ja3": (str, None),
+    "ja4": (str, None),
     "http_host": (str, None),
     "user": (str, None),
     "decrypted": bool,

@@ -20,8 +20,10 @@ as Zeek links a tunnelled connection to its tunnel), and proxytap's own:
 socks4, socks4a, socks5), ``listener``, ``proxy_h`` / ``proxy_p`` (the
 listener address the client connected to), ``requested_host`` /
 ``requested_port`` (what the client asked for, before resolution), ``sni``,
-``alpn``, ``http_host``, ``user``, ``close_reason`` (normal, reset, timeout,
-error), ``decrypted``, ``orig_chunks`` / ``resp_chunks``.
+``alpn``, ``ja3`` / ``ja4`` (the client's TLS fingerprints, from its
+ClientHello; ``null`` when the flow carried none), ``http_host``, ``user``,
+``close_reason`` (normal, reset, timeout, error), ``decrypted``,
+``orig_chunks`` / ``resp_chunks``.
 
 Rotation: ``reopen()`` (SIGHUP, after logrotate moved the file) closes and
 reopens the path; with ``max_bytes`` the log rotates itself to ``PATH.1`` ..
@@ -77,6 +79,8 @@ def flow_record(flow: Flow, reason: CloseReason, now: float) -> dict[str, object
         "requested_port": flow.requested_port,
         "sni": flow.sni,
         "alpn": flow.alpn,
+        "ja3": flow.ja3,
+        "ja4": flow.ja4,
         "http_host": flow.http_host,
         "user": outer.user,
         "close_reason": reason.value,

@@ -110,6 +110,8 @@ class Flow:
         "hop",
         "http_host",
         "id",
+        "ja3",
+        "ja4",
         "l4",
         "l7",
         "outer",
@@ -155,6 +157,9 @@ class Flow:
         self.l7: str | None = None
         self.sni: str | None = None
         self.alpn: str | None = None
+        # the client's TLS fingerprints (proxytap.proto.fingerprint), from its ClientHello
+        self.ja3: str | None = None  # MD5 hex of the JA3 string
+        self.ja4: str | None = None
         self.http_host: str | None = None
         self.decrypted = False
         self.tap: object | None = None  # per-flow state owned by the export hub

@@ -2,8 +2,9 @@
 
 The client side of a tunnel starts here instead of in the relay. It holds what
 the client sends until the ClientHello is complete (or the bytes are clearly
-not TLS), records SNI and ALPN on the flow, compares the SNI with the host the
-client asked the proxy for (CONNECT target, SOCKS4a / SOCKS5 name), and then
+not TLS), records SNI, ALPN and the client's JA3 / JA4 fingerprints on the
+flow, compares the SNI with the host the client asked the proxy for (CONNECT
+target, SOCKS4a / SOCKS5 name), and then
 either hands everything to the relay or, with ``sni_mismatch = "deny"``,
 closes the tunnel before a single byte of the hello reaches the destination
 (domain fronting and smuggled destinations show up here). Only the first
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from proxytap.errors import ProtocolError
 from proxytap.flows.table import CloseReason
+from proxytap.proto.fingerprint import ja3, ja4
 from proxytap.proto.tlshello import ClientHello, ClientHelloReader, is_tls_handshake
 
 if TYPE_CHECKING:
@@ -119,6 +121,9 @@ class HelloInspector(asyncio.Protocol):
         flow = self.relay.flow
         flow.sni = hello.sni
         flow.alpn = ",".join(hello.alpn) or None
+        # fingerprints of the client, not of a negotiation: once per tunnel, off the relay path
+        flow.ja3 = ja3(hello)[1]
+        flow.ja4 = ja4(hello)
         if sni_mismatch(flow.requested_host, hello.sni):
             self.on_mismatch(hello)
             if self.hold:

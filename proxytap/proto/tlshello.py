@@ -1,4 +1,4 @@
-"""TLS ClientHello reader: SNI, ALPN and offered versions (pure, no I/O).
+"""TLS ClientHello reader: SNI, ALPN, offered versions, fingerprint fields (pure, no I/O).
 
 The relay peeks at the first bytes a client sends into a tunnel to learn the
 server name it asked for (policy, interception rules, the flow table) and the
@@ -25,7 +25,15 @@ Decisions:
   and an extension type may occur once (RFC 8446 4.2). Unknown extensions,
   cipher suites and versions are skipped, not refused.
 * **GREASE** values (RFC 8701, ``0x?a?a``) are removed from ``cipher_suites``,
-  ``extensions`` and ``supported_versions``, as JA3/JA4 fingerprints do.
+  ``extensions``, ``supported_versions``, ``supported_groups`` and
+  ``signature_algorithms``, as JA3 and JA4 fingerprints do (JA3 drops them from
+  ciphers, extensions and curves; JA4 "anywhere it sees them").
+* **Fingerprint fields** (``proxytap.proto.fingerprint``): supported_groups
+  (10, RFC 8446 4.2.7, ``<2..2^16-1>``), ec_point_formats (11, RFC 8422 5.1.2,
+  ``<1..2^8-1>``) and signature_algorithms (13, RFC 8446 4.2.3,
+  ``<2..2^16-2>``) are kept in the order sent, with the same strictness as
+  every other vector: a length out of range, an odd length for a list of
+  2-byte values or trailing bytes is a ``ProtocolError``.
 * **SNI** (RFC 6066 section 3) must be one ``host_name`` entry of ASCII. It is
   lower-cased and one trailing dot is dropped (the RFC forbids it; some
   clients send it anyway, and policy must see the canonical name). It must be
@@ -61,6 +69,9 @@ MAX_RECORD: Final = 1 << 14
 DEFAULT_MAX_SIZE: Final = 64 * 1024
 
 EXT_SERVER_NAME: Final = 0
+EXT_SUPPORTED_GROUPS: Final = 10
+EXT_EC_POINT_FORMATS: Final = 11
+EXT_SIGNATURE_ALGORITHMS: Final = 13
 EXT_ALPN: Final = 16
 EXT_SUPPORTED_VERSIONS: Final = 43
 EXT_ECH: Final = 0xFE0D
@@ -111,6 +122,9 @@ class ClientHello:
     sni_is_ip: bool = False  # the host_name was an IP literal (RFC 6066 forbids it)
     alpn: tuple[str, ...] = ()  # Latin-1 decoded protocol names, in client order
     supported_versions: tuple[int, ...] = ()
+    supported_groups: tuple[int, ...] = ()  # ext 10 named groups, in client order
+    ec_point_formats: tuple[int, ...] = ()  # ext 11, one byte each, in client order
+    signature_algorithms: tuple[int, ...] = ()  # ext 13 SignatureSchemes, in client order
     size: int = 0  # bytes of the handshake message, header included
 
     @property
@@ -277,6 +291,9 @@ def parse_client_hello(body: bytes) -> ClientHello:
     sni_is_ip = False
     alpn: tuple[str, ...] = ()
     versions: tuple[int, ...] = ()
+    groups: tuple[int, ...] = ()
+    point_formats: tuple[int, ...] = ()
+    sig_algs: tuple[int, ...] = ()
     if cur.remaining():  # extensions are optional before TLS 1.3 (RFC 5246 7.4.1.2)
         exts = cur.vector(2, "extensions")
         while exts.remaining():
@@ -294,6 +311,12 @@ def parse_client_hello(body: bytes) -> ClientHello:
                 alpn = _alpn(ext)
             elif ext_type == EXT_SUPPORTED_VERSIONS:
                 versions = _supported_versions(ext)
+            elif ext_type == EXT_SUPPORTED_GROUPS:
+                groups = _u16_list(ext, "supported_groups")
+            elif ext_type == EXT_EC_POINT_FORMATS:
+                point_formats = _point_formats(ext)
+            elif ext_type == EXT_SIGNATURE_ALGORITHMS:
+                sig_algs = _u16_list(ext, "signature_algorithms")
     cur.done("ClientHello")
     return ClientHello(
         legacy_version=legacy_version,
@@ -303,6 +326,9 @@ def parse_client_hello(body: bytes) -> ClientHello:
         sni_is_ip=sni_is_ip,
         alpn=alpn,
         supported_versions=versions,
+        supported_groups=groups,
+        ec_point_formats=point_formats,
+        signature_algorithms=sig_algs,
         size=len(body) + 4,
     )
 
@@ -365,3 +391,28 @@ def _supported_versions(ext: _Cursor) -> tuple[int, ...]:
         if not is_grease(v):
             out.append(v)
     return tuple(out)
+
+
+def _u16_list(ext: _Cursor, what: str) -> tuple[int, ...]:
+    """A ``<2..2^16-1>`` vector of 2-byte values (named groups, signature schemes), GREASE removed.
+
+    signature_algorithms' upper bound (2^16-2) needs no check of its own: an odd
+    length is refused anyway.
+    """
+    values = ext.vector(2, what, 2)
+    ext.done(f"{what} extension")
+    if values.remaining() % 2:
+        raise _error(f"{what} has an odd length")
+    out = []
+    while values.remaining():
+        v = values.uint(2, what)
+        if not is_grease(v):
+            out.append(v)
+    return tuple(out)
+
+
+def _point_formats(ext: _Cursor) -> tuple[int, ...]:
+    # one byte each: no GREASE form exists for them (RFC 8701 greases 2-byte code points)
+    formats = ext.vector(1, "ec_point_formats", 1)
+    ext.done("ec_point_formats extension")
+    return tuple(formats.take_rest())

@@ -51,6 +51,8 @@ ALL_FIELDS = {
     "requested_port",
     "sni",
     "alpn",
+    "ja3",
+    "ja4",
     "http_host",
     "user",
     "close_reason",

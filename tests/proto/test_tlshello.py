@@ -50,6 +50,16 @@ def versions_ext(*versions: int) -> bytes:
     return ext(43, u8(len(body)) + body)
 
 
+def u16_list_ext(ext_type: int, *values: int) -> bytes:
+    """supported_groups (10) or signature_algorithms (13): a 2-byte-length list of u16."""
+    body = b"".join(u16(v) for v in values)
+    return ext(ext_type, u16(len(body)) + body)
+
+
+def point_formats_ext(*formats: int) -> bytes:
+    return ext(11, u8(len(formats)) + bytes(formats))
+
+
 def hello_body(
     exts: list[bytes] | None = None,
     *,
@@ -132,6 +142,37 @@ def test_openssl_tls13_hello() -> None:
     assert 0 in ch.extensions and 16 in ch.extensions and 43 in ch.extensions
     assert ch.size == len(data) - 5
     assert not ch.ech
+
+
+def test_openssl_fingerprint_fields() -> None:
+    ch = parse(ssl_hello("fp.example"))
+    assert ch is not None
+    # OpenSSL 3 offers x25519 (29) and secp256r1 (23), the uncompressed point format
+    # (0) and ecdsa_secp256r1_sha256 (0x0403) / rsa_pss_rsae_sha256 (0x0804)
+    assert 29 in ch.supported_groups and 23 in ch.supported_groups
+    assert ch.ec_point_formats[0] == 0
+    assert 0x0403 in ch.signature_algorithms and 0x0804 in ch.signature_algorithms
+    assert len(set(ch.signature_algorithms)) == len(ch.signature_algorithms)
+
+
+def test_fingerprint_fields_in_order_grease_removed() -> None:
+    exts = [
+        u16_list_ext(10, 0x3A3A, 0x11EC, 29, 23),
+        point_formats_ext(0, 1, 2),
+        u16_list_ext(13, 0x0804, 0x9A9A, 0x0403, 0x0401),
+    ]
+    ch = parse(hello(exts))
+    assert ch is not None
+    assert ch.supported_groups == (0x11EC, 29, 23)
+    assert ch.ec_point_formats == (0, 1, 2)
+    assert ch.signature_algorithms == (0x0804, 0x0403, 0x0401)
+    assert ch.extensions == (10, 11, 13)
+
+
+def test_no_fingerprint_extensions_means_empty_fields() -> None:
+    ch = parse(hello([sni_ext(b"bare.example")]))
+    assert ch is not None
+    assert ch.supported_groups == ch.ec_point_formats == ch.signature_algorithms == ()
 
 
 def test_openssl_tls12_hello() -> None:
@@ -343,6 +384,16 @@ BAD_INPUTS = {
     "alpn overrun": hello([ext(16, u16(5) + u8(2) + b"h2")]),
     "supported_versions odd": hello([ext(43, u8(3) + b"\x03\x04\x03")]),
     "supported_versions empty": hello([ext(43, u8(0))]),
+    "supported_groups empty": hello([u16_list_ext(10)]),
+    "supported_groups odd": hello([ext(10, u16(3) + b"\x00\x1d\x00")]),
+    "supported_groups overrun": hello([ext(10, u16(4) + b"\x00\x1d")]),
+    "supported_groups trailing bytes": hello([ext(10, u16(2) + b"\x00\x1d\x00")]),
+    "ec_point_formats empty": hello([point_formats_ext()]),
+    "ec_point_formats overrun": hello([ext(11, u8(3) + b"\x00")]),
+    "ec_point_formats trailing bytes": hello([ext(11, u8(1) + b"\x00\x01")]),
+    "signature_algorithms empty": hello([u16_list_ext(13)]),
+    "signature_algorithms odd": hello([ext(13, u16(1) + b"\x04")]),
+    "signature_algorithms trailing bytes": hello([ext(13, u16(2) + b"\x04\x03\x00")]),
     "extension overrun": hello([u16(0x1234) + u16(10) + b"abc"]),
     "extensions length short": records(handshake(hello_body([ext(23, b"")]) + b"\x00")),
     "trailing bytes after hello": records(handshake(hello_body(None) + b"\x00")),
