@@ -33,7 +33,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from proxytap import __version__
 from proxytap.errors import Failure
-from proxytap.flows.stats import Buckets
+from proxytap.flows.stats import LATENCY_BUCKETS, Buckets
 from proxytap.front.services import CLIENT_ACL
 from proxytap.policy.acl import CONNECT_PORTS
 
@@ -50,6 +50,22 @@ HANDSHAKE = "handshake"  # an open client connection whose protocol is not known
 # handshake deadlines: "first_byte" (nothing sent), "handshake" (request unfinished)
 HANDSHAKE_STAGES = ("first_byte", "handshake")
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+METHOD_CLASSES = ("GET", "POST", "other")  # the ``method`` label of plain-HTTP latencies
+# results of CONNECT and SOCKS requests exported at 0: success and the usual refusals
+KNOWN_RESULTS = {
+    "http-connect": ("200", "400", "403", "407", "502", "503", "504"),
+    "socks4": ("granted", "rejected"),
+    "socks4a": ("granted", "rejected"),
+    "socks5": (
+        "succeeded",
+        "general_failure",
+        "not_allowed",
+        "host_unreachable",
+        "connection_refused",
+        "ttl_expired",
+        "auth_failed",
+    ),
+}
 RESPONDERS = ("origin", "proxy")
 EVENT_TYPES = ("created", "data", "destroyed")
 UNCLASSIFIED = "unclassified"
@@ -100,6 +116,22 @@ METRICS: dict[str, tuple[str, str]] = {
         "Requests refused by access policy alone, by listener and rule (client-acl, "
         "connect-ports, socks4-userid, an [[access.rules]] name, default-deny:<range>); "
         "never counted as upstream connect errors",
+    ),
+    "proxytap_downstream_tunnel_results_total": (
+        "counter",
+        "CONNECT and SOCKS requests answered, by listener, client protocol and result "
+        "(CONNECT: the HTTP status; SOCKS: the reply code's name, auth_failed, protocol_error)",
+    ),
+    "proxytap_downstream_tunnel_setup_duration_seconds": (
+        "histogram",
+        "Tunnels set up: CONNECT or SOCKS request read to success reply sent "
+        "(authentication, policy, resolution and connect), by listener and client protocol",
+    ),
+    "proxytap_downstream_http_request_duration_seconds": (
+        "histogram",
+        "Plain-HTTP requests: request head read to response end (the origin's, or the "
+        "proxy's answer after a failed connect or timeout), by listener and method "
+        "(GET, POST, other)",
     ),
     "proxytap_downstream_auth_failures_total": (
         "counter",
@@ -211,6 +243,22 @@ def _histogram(name: str, buckets: Buckets) -> HistogramMetricFamily:
     )
 
 
+def _histograms(
+    name: str,
+    labels: tuple[str, ...],
+    observed: Mapping[tuple[str, str], Buckets],
+    known: Iterable[tuple[str, str]],
+) -> HistogramMetricFamily:
+    """A labelled histogram: the ``known`` label sets empty, the ``observed`` ones filled."""
+    family = HistogramMetricFamily(name, METRICS[name][1], labels=list(labels))
+    empty = Buckets(LATENCY_BUCKETS)
+    for key in sorted({*known, *observed}):
+        buckets = observed.get(key, empty)
+        cumulative = [(le, float(n)) for le, n in buckets.cumulative()]
+        family.add_metric(list(key), cumulative, buckets.sum)
+    return family
+
+
 def _counter(name: str, labels: Iterable[str] = ()) -> CounterMetricFamily:
     return CounterMetricFamily(name, METRICS[name][1], labels=list(labels))
 
@@ -302,6 +350,7 @@ class ProxytapCollector(Collector):
         family = _counter("proxytap_downstream_http_requests_total", ("code_class", "source"))
         _fill(family, responses)
         yield family
+        yield from self._tunnels()
 
         # -- upstream -----------------------------------------------------------------
         yield _histogram("proxytap_upstream_connect_duration_seconds", stats.connect_seconds)
@@ -342,6 +391,39 @@ class ProxytapCollector(Collector):
 
         # -- export -------------------------------------------------------------------
         yield from self._export(hub.subscriber_errors)
+
+    def _tunnels(self) -> Iterator[Metric]:
+        """CONNECT and SOCKS replies by result; set-up and plain-HTTP latencies."""
+        stats = self.app.services.stats
+        tunnels: list[tuple[str, str]] = []
+        results: Counter[tuple[str, str, str]] = Counter()
+        forwarding: list[tuple[str, str]] = []
+        for lst in self.app.config.listeners:
+            for proto in PROTOCOLS.get(lst.kind, ()):
+                if proto == "http-forward":
+                    forwarding += [(lst.name, m) for m in METHOD_CLASSES]
+                    continue
+                tunnels.append((lst.name, proto))
+                for result in KNOWN_RESULTS[proto]:
+                    results[(lst.name, proto, result)] = 0
+        results.update(stats.tunnel_results)
+        family = _counter(
+            "proxytap_downstream_tunnel_results_total", ("listener", "protocol", "result")
+        )
+        _fill(family, results)
+        yield family
+        yield _histograms(
+            "proxytap_downstream_tunnel_setup_duration_seconds",
+            ("listener", "protocol"),
+            stats.tunnel_setup,
+            tunnels,
+        )
+        yield _histograms(
+            "proxytap_downstream_http_request_duration_seconds",
+            ("listener", "method"),
+            stats.http_seconds,
+            forwarding,
+        )
 
     def _known_denials(self) -> dict[tuple[str, str], int]:
         """Every (listener, rule) a denial can be counted under that is known up front."""

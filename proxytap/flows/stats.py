@@ -46,6 +46,14 @@ class Buckets:
         return out
 
 
+def observe(table: dict[tuple[str, str], Buckets], key: tuple[str, str], value: float) -> None:
+    """Observe ``value`` in the histogram of ``key`` (made on first use)."""
+    buckets = table.get(key)
+    if buckets is None:
+        buckets = table[key] = Buckets(LATENCY_BUCKETS)
+    buckets.observe(value)
+
+
 class Stats:
     """Everything counted outside the flow table, hub and sinks."""
 
@@ -70,6 +78,13 @@ class Stats:
         # (listener, rule) -> requests refused by access policy alone (client ACL,
         # CONNECT ports, destination rules and default-denied ranges): not connect errors
         self.denied: Counter[tuple[str, str]] = Counter()
+        # (listener, protocol, result) -> CONNECT and SOCKS requests answered; result is
+        # the HTTP status ("403") or the SOCKS reply code's name ("not_allowed")
+        self.tunnel_results: Counter[tuple[str, str, str]] = Counter()
+        # (listener, protocol) -> request read to success reply sent, for tunnels set up
+        self.tunnel_setup: dict[tuple[str, str], Buckets] = {}
+        # (listener, method class) -> request head read to response end (plain HTTP)
+        self.http_seconds: dict[tuple[str, str], Buckets] = {}
         self.auth_failures = 0
         self.sni_mismatches = 0
         # module name -> hook calls that raised (or broke a head) and failed closed

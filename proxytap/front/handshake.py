@@ -18,6 +18,7 @@ from typing import cast
 
 from proxytap.config import ListenerConfig
 from proxytap.errors import Failure, ProtocolError, UpstreamError, classify_os_error
+from proxytap.flows.stats import observe
 from proxytap.flows.table import CloseReason, Connection, endpoint
 from proxytap.front.authn import auth_failed, check_proxy_authorization
 from proxytap.front.relay import Early, PendingUpstream, Relay, linger_close
@@ -43,6 +44,32 @@ SOCKS_VERSIONS = (0x04, 0x05)
 # refusals at the handshake that access policy decides (the rest: limits, authentication)
 POLICY_RULES = frozenset((CLIENT_ACL, SOCKS4_USERID))
 
+# the ``result`` label of tunnel replies: SOCKS reply codes by name (RFC 1928, SOCKS4)
+SOCKS5_RESULTS = (
+    "succeeded",
+    "general_failure",
+    "not_allowed",
+    "network_unreachable",
+    "host_unreachable",
+    "connection_refused",
+    "ttl_expired",
+    "command_not_supported",
+    "address_type_not_supported",
+)
+SOCKS4_RESULTS = {0x5A: "granted", 0x5B: "rejected", 0x5C: "identd_unreachable"}
+SOCKS4_RESULTS[0x5D] = "identd_mismatch"
+AUTH_FAILED = "auth_failed"  # SOCKS5: the user name / password sub-negotiation failed
+NO_REPLY = "protocol_error"  # SOCKS: the client broke the protocol before a reply was due
+
+
+def socks_result(version: int, code: int) -> str:
+    """The name of the reply code ``SocksServer.reply(code)`` sends to this version."""
+    if version == 4:
+        if code in (0x00, 0x5A):
+            return "granted"
+        return SOCKS4_RESULTS.get(code, "rejected")
+    return SOCKS5_RESULTS[code] if code < len(SOCKS5_RESULTS) else "unassigned"
+
 
 class ClientConnection(asyncio.Protocol):
     """Accepted client connection during its handshake."""
@@ -65,6 +92,12 @@ class ClientConnection(asyncio.Protocol):
         self.ctx: Context | None = None  # the tunnel's module context (modules only)
         # while connecting: what the client sends before its reply, kept for the relay
         self.early: Early | None = None
+        self.connect = False  # an HTTP CONNECT request (not plain HTTP): its answer is counted
+        # when the tunnel's request was read (set-up latency; monotonic: the loop's
+        # clock may count whole milliseconds only)
+        self.asked_at = 0.0
+        self.socks_version = 5  # of the SOCKS request, once read
+        self.auth_rejected = False  # SOCKS5: the sub-negotiation failed (``01 01`` sent)
 
     # -- asyncio callbacks ----------------------------------------------------------
 
@@ -155,12 +188,20 @@ class ClientConnection(asyncio.Protocol):
             if event is NEED_DATA:
                 return
             if isinstance(event, AuthRequest):
+                if self.refusal is not None:
+                    # refused before the request: no reply code can be sent yet, the
+                    # sub-negotiation fails; still counted by its rule
+                    self._count_refusal(*self.refusal)
                 if self.refusal is not None or self.services.auth is None:
+                    self.auth_rejected = True
                     socks.auth_result(False)
                     continue
                 self._socks_auth(event)
                 return
             if isinstance(event, ConnectRequest):
+                assert self.conn is not None
+                self.conn.protocol = event.protocol  # socks4a is known from here on
+                self.socks_version = event.version
                 if self.refusal is not None:
                     self._deny(*self.refusal)
                     return
@@ -183,6 +224,7 @@ class ClientConnection(asyncio.Protocol):
         if self.done:
             return
         self.socks.auth_result(ok)
+        self.auth_rejected = not ok
         assert self.conn is not None
         if ok:
             self.conn.user = request.username
@@ -209,6 +251,7 @@ class ClientConnection(asyncio.Protocol):
                 return
             self._forward()
             return
+        self.connect = True
         head = httpconnect.parse_head(bytes(self.buf[:end]))
         self.http_version = head.version
         if self.refusal is not None:
@@ -250,6 +293,7 @@ class ClientConnection(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         self.conn.protocol = protocol
+        self.asked_at = time.monotonic()
         self.task = self.services.tasks.spawn(self._open_tunnel(host, port, early, credentials))
 
     async def _http_user(self, credentials: tuple[str, ...]) -> str | None:
@@ -338,6 +382,9 @@ class ClientConnection(asyncio.Protocol):
             return
         flow = services.open_flow(conn, peer, host, port)
         client.write(reply)
+        self._answered("200" if self.socks is None else socks_result(self.socks_version, 0))
+        key = (self.listener.name, self._protocol_name())
+        observe(services.stats.tunnel_setup, key, time.monotonic() - self.asked_at)
         self._handed_over()
         held = self.early
         assert held is not None
@@ -398,6 +445,7 @@ class ClientConnection(asyncio.Protocol):
         if self.socks is not None:
             code = 0x01 if failed else (exc.socks_code if exc.socks_code is not None else 0x02)
             self.transport.write(self.socks.reply(code))
+            self._answered(socks_result(self.socks_version, code))
         else:
             self._http_error(exc.status, exc.reason, exc.proxy_status)
         log.info("client %s:%d refused by a module: %s", *self.conn.client, exc.reason)
@@ -416,6 +464,7 @@ class ClientConnection(asyncio.Protocol):
         )
         if self.socks is not None:
             self.transport.write(self.socks.reply(failure.socks5))
+            self._answered(socks_result(self.socks_version, failure.socks5))
         else:
             self._http_error(failure.http_status, failure.description, failure.value)
         self._close(f"connect failed: {failure.value}", linger=True)
@@ -433,13 +482,13 @@ class ClientConnection(asyncio.Protocol):
         ``count=False`` when the caller has counted the refusal already.
         """
         assert self.transport is not None and self.conn is not None
-        if count and rule in POLICY_RULES:
-            self.services.denied(self.listener.name, rule, reason)
-        elif count:
-            self.services.refused(rule, reason)
+        if count:
+            self._count_refusal(rule, reason)
         limit = rule.startswith("max-connections")
         if self.socks is not None:
-            self.transport.write(self.socks.reply(0x01 if limit else 0x02))
+            code = 0x01 if limit else 0x02
+            self.transport.write(self.socks.reply(code))
+            self._answered(socks_result(self.socks_version, code))
         else:
             if status is None:
                 status = 503 if limit else 403
@@ -448,6 +497,17 @@ class ClientConnection(asyncio.Protocol):
         log.info("client %s:%d refused by %s: %s", *self.conn.client, rule, reason)
         self._close(f"refused by {rule}", linger=True)
 
+    def _count_refusal(self, rule: str, reason: str) -> None:
+        if rule in POLICY_RULES:
+            self.services.denied(self.listener.name, rule, reason)
+        else:
+            self.services.refused(rule, reason)
+
+    def _answered(self, result: str) -> None:
+        """A CONNECT or SOCKS request got its final reply: counted by its result."""
+        key = (self.listener.name, self._protocol_name(), result)
+        self.services.stats.tunnel_results[key] += 1
+
     def _refuse(self, exc: ProtocolError) -> None:
         assert self.transport is not None
         self.services.stats.protocol_errors["socks" if self.socks is not None else "http"] += 1
@@ -455,6 +515,12 @@ class ClientConnection(asyncio.Protocol):
             out = self.socks.data_to_send() + exc.reply
             if out:
                 self.transport.write(out)
+            if len(exc.reply) >= 8 and exc.socks_code is not None:  # a reply with a code
+                self._answered(socks_result(4 if self.first_byte == 4 else 5, exc.socks_code))
+            elif self.auth_rejected:
+                self._answered(AUTH_FAILED)
+            else:
+                self._answered(NO_REPLY)
         else:
             self._http_error(exc.status, exc.reason, exc.proxy_status)
         self._close(f"protocol error: {exc.reason}", linger=True)
@@ -525,6 +591,8 @@ class ClientConnection(asyncio.Protocol):
     def _http_error(self, status: int, reason: str, proxy_status: str) -> None:
         """A final HTTP error answer: text/plain reason, Proxy-Status, Connection: close."""
         assert self.transport is not None
+        if self.connect:  # plain-HTTP requests are counted by their status class
+            self._answered(str(status))
         config = self.services.config
         self.transport.write(
             http_error(config, status, reason, proxy_status, version=self.http_version)

@@ -21,6 +21,7 @@ calls; what they all touch per chunk lives here, in small slotted objects:
 
 from __future__ import annotations
 
+import time
 from enum import IntEnum
 from typing import TYPE_CHECKING, Final
 
@@ -150,7 +151,9 @@ class Exchange:
         self.method = to.method
         self.to = to
         self.http10 = http10
-        self.start = start
+        self.start = start  # the loop's clock (the access line, timers)
+        # the latency histogram's: the loop's clock may count whole milliseconds only
+        self.began = time.monotonic()
         self.is_head = to.method == b"HEAD"
         self.pending: list[bytes] = []  # framed body waiting for the upstream connection
 

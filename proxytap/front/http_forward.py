@@ -52,10 +52,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from typing import TYPE_CHECKING
 
 from proxytap.errors import ProtocolError
+from proxytap.flows.stats import observe
 from proxytap.flows.table import CloseReason, Connection
 from proxytap.front.http_client import RequestReader
 from proxytap.front.http_exchange import (
@@ -88,6 +90,9 @@ _LINGER = ClientPhase.LINGER
 _CLOSED = ClientPhase.CLOSED
 _UP_IDLE = UpPhase.IDLE
 _UP_READY = UpPhase.IDLE  # phases from here on: connected
+# the ``method`` label of request latencies: few values, so few series
+METHOD_CLASSES = {b"GET": "GET", b"POST": "POST"}
+OTHER = "other"
 
 
 class HttpForwarder(asyncio.Protocol):
@@ -307,6 +312,11 @@ class HttpForwarder(asyncio.Protocol):
         if not self.queue:
             self._reply_error(err)
 
+    def _timed(self, req: Exchange) -> None:
+        """``req`` was answered (the origin's response ended, or the proxy's): its latency."""
+        key = (self.conn.listener, METHOD_CLASSES.get(req.method, OTHER))
+        observe(self.services.stats.http_seconds, key, time.monotonic() - req.began)
+
     def _end(self, req: Exchange) -> None:
         """The exchange of ``req`` is over: the modules' on_close, once."""
         ctx = req.ctx
@@ -377,6 +387,7 @@ class HttpForwarder(asyncio.Protocol):
         queue = self.queue
         if queue and queue[0] is req:
             queue.popleft()
+        self._timed(req)
         if access.enabled():
             log_access(self.conn.client, req, now)
         if req.ctx is not None:
@@ -422,6 +433,7 @@ class HttpForwarder(asyncio.Protocol):
         self.queue.popleft()
         if not req.responded:
             req.status = up.error[0]  # the access line shows the proxy's own answer
+        self._timed(req)
         log_access(self.conn.client, req, self.loop.time())
         self._end(req)
         if not req.responded:
@@ -439,6 +451,7 @@ class HttpForwarder(asyncio.Protocol):
         self.phase = _TUNNEL
         req = self.queue.popleft() if self.queue else None
         if req is not None:
+            self._timed(req)  # its response ends with the 101 head
             log_access(self.conn.client, req, self.loop.time())
             self.tunnel_ctx = req.ctx  # its on_close runs when the tunnel ends
         if rest:
@@ -616,6 +629,7 @@ class HttpForwarder(asyncio.Protocol):
             if up is not None:
                 up.close(CloseReason.TIMEOUT)
             self.queue.popleft()
+            self._timed(req)
             log_access(self.conn.client, req, self.loop.time())
             self._end(req)
             self.reply(req, 504, "the destination did not answer in time", "http_response_timeout")
