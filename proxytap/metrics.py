@@ -46,6 +46,8 @@ PROTOCOLS = {
     "socks": ("socks4", "socks4a", "socks5"),
     "mixed": ("http-connect", "http-forward", "socks4", "socks4a", "socks5"),
 }
+# the ``protocol`` label of protocol errors: the families a listener kind speaks
+FAMILIES = {"http": ("http",), "socks": ("socks",), "mixed": ("http", "socks")}
 HANDSHAKE = "handshake"  # an open client connection whose protocol is not known yet
 # handshake deadlines: "first_byte" (nothing sent), "handshake" (request unfinished)
 HANDSHAKE_STAGES = ("first_byte", "handshake")
@@ -326,13 +328,15 @@ class ProxytapCollector(Collector):
         family = _counter("proxytap_policy_denied_total", ("listener", "rule"))
         _fill(family, {**self._known_denials(), **stats.denied})
         yield family
-        yield CounterMetricFamily(
-            "proxytap_downstream_auth_failures_total",
-            METRICS["proxytap_downstream_auth_failures_total"][1],
-            value=stats.auth_failures,
-        )
-        family = _counter("proxytap_downstream_protocol_errors_total", ("protocol",))
-        _fill(family, {"http": 0, "socks": 0, **stats.protocol_errors})
+        names = [lst.name for lst in cfg.listeners]
+        family = _counter("proxytap_downstream_auth_failures_total", ("listener",))
+        _fill(family, {**dict.fromkeys(names, 0), **stats.auth_failures})
+        yield family
+        family = _counter("proxytap_downstream_protocol_errors_total", ("listener", "protocol"))
+        known_errors = {
+            (lst.name, FAMILIES[lst.kind][i]): 0 for lst in cfg.listeners for i in (0, -1)
+        }
+        _fill(family, {**known_errors, **stats.protocol_errors})
         yield family
         yield CounterMetricFamily(
             "proxytap_downstream_sni_mismatches_total",
@@ -343,43 +347,58 @@ class ProxytapCollector(Collector):
         modules = {m.name: 0 for chain in services.chains.values() for m in chain.modules}
         _fill(family, {**modules, **stats.module_errors})
         yield family
-        responses: Counter[tuple[str, str]] = Counter(
-            {(c, r): 0 for c in STATUS_CLASSES for r in RESPONDERS}
+        responses: Counter[tuple[str, str, str]] = Counter(
+            {
+                (lst.name, c, r): 0
+                for lst in cfg.listeners
+                if lst.kind != "socks"
+                for c in STATUS_CLASSES
+                for r in RESPONDERS
+            }
         )
         responses.update(stats.http_responses)
-        family = _counter("proxytap_downstream_http_requests_total", ("code_class", "source"))
+        family = _counter(
+            "proxytap_downstream_http_requests_total", ("listener", "code_class", "source")
+        )
         _fill(family, responses)
         yield family
         yield from self._tunnels()
 
         # -- upstream -----------------------------------------------------------------
         yield _histogram("proxytap_upstream_connect_duration_seconds", stats.connect_seconds)
-        errors: Counter[str] = Counter({f.value: 0 for f in Failure})
+        errors: Counter[tuple[str, str]] = Counter(
+            {(name, f.value): 0 for name in names for f in Failure}
+        )
         errors.update(stats.connect_errors)
-        family = _counter("proxytap_upstream_connect_errors_total", ("reason",))
+        family = _counter("proxytap_upstream_connect_errors_total", ("listener", "reason"))
         _fill(family, errors)
         yield family
 
         # -- flows and bytes ----------------------------------------------------------
         flows = list(table.flows.values())
-        up, down = stats.bytes_up, stats.bytes_down
+        relayed: Counter[tuple[str, str]] = Counter(
+            {(name, d): 0 for name in names for d in ("upstream", "downstream")}
+        )
+        relayed.update(stats.relayed)
         by_tunnel: Counter[str] = Counter()
-        by_class: Counter[str] = Counter()
+        # every L7 class a flow can have, at 0 while idle
+        classes = [r.name for r in app.hub.classifier.rules if r.l4 == "tcp"] + [UNCLASSIFIED]
+        by_class: Counter[str] = Counter(dict.fromkeys(classes, 0))
         for flow in flows:
-            up += flow.bytes_up
-            down += flow.bytes_down
+            listener = flow.outer.listener
+            relayed[(listener, "upstream")] += flow.bytes_up
+            relayed[(listener, "downstream")] += flow.bytes_down
             by_tunnel[flow.outer.protocol] += 1
             by_class[flow.l7 or UNCLASSIFIED] += 1
         gauge = _gauge("proxytap_upstream_connections_active", ("protocol",))
         _fill(gauge, by_tunnel)
         yield gauge
-        family = _counter("proxytap_relayed_bytes_total", ("direction",))
-        family.add_metric(["upstream"], up)
-        family.add_metric(["downstream"], down)
+        family = _counter("proxytap_relayed_bytes_total", ("listener", "direction"))
+        _fill(family, relayed)
         yield family
         hub = app.hub
         family = _counter("proxytap_flows_total", ("l7",))
-        _fill(family, hub.classified)
+        _fill(family, {**dict.fromkeys(classes[:-1], 0), **hub.classified})
         yield family
         gauge = _gauge("proxytap_flows_active", ("l7",))
         _fill(gauge, by_class)

@@ -316,9 +316,12 @@ async def test_scripted_session_exact_counters(
     }
     denied = samples(m, "proxytap_policy_denied", "_total")
     assert {k: v for k, v in denied.items() if v} == {lab(listener="http", rule="no-blocked"): 1}
-    assert value(m, "proxytap_downstream_auth_failures", "_total") == 1
+    assert samples(m, "proxytap_downstream_auth_failures", "_total") == {
+        lab(listener="http"): 1,
+        lab(listener="socks"): 0,
+    }
     assert samples(m, "proxytap_downstream_protocol_errors", "_total") == zeros(
-        [lab(protocol="http"), lab(protocol="socks")]
+        [lab(listener="http", protocol="http"), lab(listener="socks", protocol="socks")]
     )
     assert value(m, "proxytap_downstream_connections_limit") == 10000
     # no plain HTTP in this session: every status class at 0
@@ -328,17 +331,31 @@ async def test_scripted_session_exact_counters(
     check_histogram(m, "proxytap_upstream_connect_duration_seconds", 3)  # 1, 2, 6
     errors = samples(m, "proxytap_upstream_connect_errors", "_total")
     # the policy denial (3) is a denial, not a connect error: no connect was tried
-    assert {k: v for k, v in errors.items() if v} == {lab(reason="connection_refused"): 1}
-    assert len(errors) == 10  # every Proxy-Status error type is exported
+    assert {k: v for k, v in errors.items() if v} == {
+        lab(listener="http", reason="connection_refused"): 1
+    }
+    assert len(errors) == 2 * 10  # every Proxy-Status error type, per listener
     assert samples(m, "proxytap_upstream_connections_active") == {}
 
     # -- bytes and flows --------------------------------------------------------------
+    # 1 through the http listener, 2 and 6 through socks
+    up_http, down_http = recording_origin.records[0]
     assert samples(m, "proxytap_relayed_bytes", "_total") == {
-        lab(direction="upstream"): up,
-        lab(direction="downstream"): down,
+        lab(listener="http", direction="upstream"): up_http,
+        lab(listener="http", direction="downstream"): down_http,
+        lab(listener="socks", direction="upstream"): up - up_http,
+        lab(listener="socks", direction="downstream"): down - down_http,
     }
-    assert samples(m, "proxytap_flows", "_total") == {lab(l7="http"): 3}
-    assert samples(m, "proxytap_flows_active") == {}
+    classes = [r.name for r in app.hub.classifier.rules if r.l4 == "tcp"]
+    assert "http" in classes and len(classes) > 2
+    assert samples(m, "proxytap_flows", "_total") == {
+        **zeros([lab(l7=c) for c in classes]),
+        lab(l7="http"): 3,
+    }
+    # idle: no flow open, every class there at 0
+    assert samples(m, "proxytap_flows_active") == zeros(
+        [lab(l7=c) for c in [*classes, "unclassified"]]
+    )
     assert samples(m, "proxytap_flows_closed", "_total") == {lab(l7="http", reason="normal"): 3}
     check_histogram(m, "proxytap_flow_duration_seconds", 3)
 
@@ -415,10 +432,16 @@ async def test_live_tunnels_are_active_gauges(
         lab(protocol="http-connect"): 1,
         lab(protocol="socks5"): 1,
     }
-    assert samples(m, "proxytap_flows_active") == {lab(l7="http"): 1, lab(l7="unclassified"): 1}
-    # live flows' bytes count before they end
+    flows_active = samples(m, "proxytap_flows_active")
+    assert {k: v for k, v in flows_active.items() if v} == {
+        lab(l7="http"): 1,
+        lab(l7="unclassified"): 1,
+    }
+    assert len(flows_active) > 2  # the other classes, at 0
+    # live flows' bytes count before they end, under their listener
     up = len(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert value(m, "proxytap_relayed_bytes", "_total", direction="upstream") == up
+    assert value(m, "proxytap_relayed_bytes", "_total", listener="http", direction="upstream") == up
+    assert value(m, "proxytap_relayed_bytes", "_total", listener="socks", direction="upstream") == 0
     for w in (w1, w2, w3):
         w.close()
 
@@ -449,14 +472,18 @@ async def test_plain_http_counters_exact(
                  protocol="http-forward") == 1  # fmt: skip
     responses = samples(m, "proxytap_downstream_http_requests", "_total")
     assert {k: v for k, v in responses.items() if v} == {
-        lab(code_class="2xx", source="origin"): 2,
-        lab(code_class="5xx", source="proxy"): 1,
+        lab(listener="http", code_class="2xx", source="origin"): 2,
+        lab(listener="http", code_class="5xx", source="proxy"): 1,
     }
+    assert len(responses) == 5 * 2  # the http listener's classes; none for socks
     check_histogram(m, "proxytap_upstream_connect_duration_seconds", 2)
     assert samples(m, "proxytap_flows_closed", "_total") == {lab(l7="http", reason="normal"): 2}
     check_histogram(m, "proxytap_flow_duration_seconds", 2)
     down = sum(r[1] for r in recording_origin.records)
-    assert value(m, "proxytap_relayed_bytes", "_total", direction="downstream") == down
+    assert (
+        value(m, "proxytap_relayed_bytes", "_total", listener="http", direction="downstream")
+        == down
+    )
 
 
 # == deploy/: promtool and the dashboard ===================================================

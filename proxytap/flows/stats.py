@@ -62,17 +62,21 @@ class Stats:
         self.downstream: Counter[tuple[str, str]] = Counter()
         # upstream connects
         self.connect_seconds = Buckets(CONNECT_BUCKETS)
-        self.connect_errors: Counter[str] = Counter()  # Proxy-Status error type
+        # (listener, Proxy-Status error type) -> failed connects (policy denials excluded)
+        self.connect_errors: Counter[tuple[str, str]] = Counter()
         # bytes of finished flows (live flows are added at scrape time)
         self.bytes_up = 0
         self.bytes_down = 0
+        # ... and by (listener, direction): "upstream" client to destination
+        self.relayed: Counter[tuple[str, str]] = Counter()
         # finished inner flows: (l7 class, close reason) -> count
         self.flows_closed: Counter[tuple[str, str]] = Counter()
         self.flow_seconds = Buckets(FLOW_BUCKETS)
         # plain-HTTP responses by status class ("2xx") and by who answered
-        self.http_responses: Counter[tuple[str, str]] = Counter()  # (class, "origin"|"proxy")
-        # handshake-level protocol errors by protocol
-        self.protocol_errors: Counter[str] = Counter()
+        # (listener, class, "origin"|"proxy")
+        self.http_responses: Counter[tuple[str, str, str]] = Counter()
+        # (listener, "http"|"socks") -> requests that broke their protocol
+        self.protocol_errors: Counter[tuple[str, str]] = Counter()
         # (rule, reason) -> refused requests (policy, limits, auth)
         self.refusals: Counter[tuple[str, str]] = Counter()
         # (listener, rule) -> requests refused by access policy alone (client ACL,
@@ -85,7 +89,7 @@ class Stats:
         self.tunnel_setup: dict[tuple[str, str], Buckets] = {}
         # (listener, method class) -> request head read to response end (plain HTTP)
         self.http_seconds: dict[tuple[str, str], Buckets] = {}
-        self.auth_failures = 0
+        self.auth_failures: Counter[str] = Counter()  # listener -> failed authentications
         self.sni_mismatches = 0
         # module name -> hook calls that raised (or broke a head) and failed closed
         self.module_errors: Counter[str] = Counter()

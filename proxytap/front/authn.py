@@ -22,7 +22,7 @@ from proxytap.errors import ProtocolError
 from proxytap.policy.auth import AuthCache, AuthConfig, Htpasswd, parse_proxy_authorization
 
 if TYPE_CHECKING:
-    from proxytap.flows.table import Endpoint
+    from proxytap.flows.table import Connection
     from proxytap.front.services import Services
 
 log = logging.getLogger("proxytap.front")
@@ -80,8 +80,8 @@ async def check_proxy_authorization(
     return user, ProtocolError(WRONG_PASSWORD, status=407, proxy_status="http_request_denied")
 
 
-def auth_failed(services: Services, client: Endpoint, user: str | None) -> None:
+def auth_failed(services: Services, conn: Connection, user: str | None) -> None:
     """A failed authentication (HTTP or SOCKS5): counted as a refusal and a failure, logged."""
     services.refused("auth", "bad credentials")
-    services.stats.auth_failures += 1
-    log.info("client %s:%d authentication failed (user %r)", *client, user)
+    services.stats.auth_failures[conn.listener] += 1
+    log.info("client %s:%d authentication failed (user %r)", *conn.client, user)

@@ -229,7 +229,7 @@ class ClientConnection(asyncio.Protocol):
         if ok:
             self.conn.user = request.username
         else:
-            auth_failed(self.services, self.conn.client, request.username)
+            auth_failed(self.services, self.conn, request.username)
         self.transport.resume_reading()
         try:
             self._socks_step()
@@ -306,7 +306,7 @@ class ClientConnection(asyncio.Protocol):
         user, err = await check_proxy_authorization(auth, credentials[0])
         if err is None:
             return user
-        auth_failed(self.services, self.conn.client, user)
+        auth_failed(self.services, self.conn, user)
         if err.status == 407:
             self._deny("auth", err.reason, status=407, count=False)
         else:
@@ -510,7 +510,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _refuse(self, exc: ProtocolError) -> None:
         assert self.transport is not None
-        self.services.stats.protocol_errors["socks" if self.socks is not None else "http"] += 1
+        family = "socks" if self.socks is not None else "http"
+        self.services.stats.protocol_errors[(self.listener.name, family)] += 1
         if self.socks is not None:
             out = self.socks.data_to_send() + exc.reply
             if out:

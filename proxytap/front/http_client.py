@@ -265,7 +265,7 @@ class RequestReader:
             req.auth_pending = False
             self.owner.authenticated(req)
             return
-        auth_failed(self.services, self.conn.client, user)
+        auth_failed(self.services, self.conn, user)
         self.owner.unauthenticated(req, err)
 
     # -- exchanges ------------------------------------------------------------------

@@ -21,6 +21,7 @@ calls; what they all touch per chunk lives here, in small slotted objects:
 
 from __future__ import annotations
 
+import functools
 import time
 from enum import IntEnum
 from typing import TYPE_CHECKING, Final
@@ -42,9 +43,14 @@ LINGER: Final = 2.0  # seconds a closing client connection is drained before the
 CACHE_HEAD: Final = 4096  # request heads up to this size are memoized by the header rules
 IDEMPOTENT: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 
-# stats.http_responses keys: (status class, who answered)
-ORIGIN_KEYS: Final = {c: (f"{c}xx", "origin") for c in range(10)}
-PROXY_KEYS: Final = {c: (f"{c}xx", "proxy") for c in range(10)}
+
+@functools.cache
+def response_keys(listener: str, source: str) -> dict[int, tuple[str, str, str]]:
+    """``stats.http_responses`` keys of one listener and responder, by status // 100.
+
+    Made once per (listener, responder), so counting a response builds no tuple.
+    """
+    return {c: (listener, f"{c}xx", source) for c in range(10)}
 
 
 class UpPhase(IntEnum):

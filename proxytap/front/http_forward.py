@@ -63,13 +63,13 @@ from proxytap.front.http_client import RequestReader
 from proxytap.front.http_exchange import (
     LINGER,
     MAX_IDLE_UPSTREAMS,
-    PROXY_KEYS,
     ClientOut,
     ClientPhase,
     Exchange,
     UpPhase,
     log_access,
     refusal,
+    response_keys,
 )
 from proxytap.front.http_upstream import UpstreamConnection
 from proxytap.front.relay import reset
@@ -508,7 +508,9 @@ class HttpForwarder(asyncio.Protocol):
         if self.phase is _CLOSED or self.phase is _LINGER:
             return
         self.out.flush()
-        self.services.stats.http_responses[PROXY_KEYS[status // 100]] += 1
+        self.services.stats.http_responses[
+            response_keys(self.conn.listener, "proxy")[status // 100]
+        ] += 1
         include_body = req is None or not req.is_head
         config = self.services.config
         self.transport.write(
@@ -519,7 +521,7 @@ class HttpForwarder(asyncio.Protocol):
     def _reply_error(self, err: ProtocolError) -> None:
         log.info("http %s:%d refused: %s", *self.conn.client, err.reason)
         if err.status != 407:
-            self.services.stats.protocol_errors["http"] += 1
+            self.services.stats.protocol_errors[(self.conn.listener, "http")] += 1
         self.reply(None, err.status, err.reason, err.proxy_status)
 
     def request_error(self, err: ProtocolError) -> None:

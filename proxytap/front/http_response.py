@@ -32,7 +32,13 @@ from typing import TYPE_CHECKING
 import httptools
 
 from proxytap.errors import ProtocolError
-from proxytap.front.http_exchange import ORIGIN_KEYS, BadResponse, ClientOut, Exchange, UpPhase
+from proxytap.front.http_exchange import (
+    BadResponse,
+    ClientOut,
+    Exchange,
+    UpPhase,
+    response_keys,
+)
 from proxytap.modules.api import Context
 from proxytap.policy.message import serialize
 from proxytap.proto.http1 import (
@@ -71,6 +77,7 @@ class ResponseReader(asyncio.Protocol):
         self.out = out
         self.services = services = fwd.services
         self.chain = chain = services.chains[fwd.conn.listener]
+        self.counted = response_keys(fwd.conn.listener, "origin")
         self.max_head = services.config.limits.max_head
         self.phase = UpPhase.CONNECTING
         self.req: Exchange | None = None
@@ -269,7 +276,7 @@ class ResponseReader(asyncio.Protocol):
         self.phase = UpPhase.BODY
         self.interim = False
         req.status = status
-        self.services.stats.http_responses[ORIGIN_KEYS[status // 100]] += 1
+        self.services.stats.http_responses[self.counted[status // 100]] += 1
         self.upkeep = self.parser.should_keep_alive() and not (h.http10 and h.codings)
         self.close_delimited = is_close_delimited(mode, h.length, h.chunked)
         self.body_left = h.length if mode == _RAW else -1
@@ -292,7 +299,7 @@ class ResponseReader(asyncio.Protocol):
             req.status = 101
             req.responded = True
             self.switching = True
-            self.services.stats.http_responses[ORIGIN_KEYS[1]] += 1
+            self.services.stats.http_responses[self.counted[1]] += 1
         elif req.http10:
             return
         self.out.write(interim_head(line, block, status == 101))

@@ -140,6 +140,9 @@ class Services:
         stats = self.stats
         stats.bytes_up += flow.bytes_up
         stats.bytes_down += flow.bytes_down
+        listener = flow.outer.listener
+        stats.relayed[(listener, "upstream")] += flow.bytes_up
+        stats.relayed[(listener, "downstream")] += flow.bytes_down
         stats.flows_closed[(flow.l7 or "unclassified", reason.value)] += 1
         stats.flow_seconds.observe(now - flow.start)
 
@@ -272,7 +275,7 @@ class Services:
             if exc.failure is Failure.PROHIBITED and denied_by:
                 self.denied(listener, denied_by[0], "destination denied")
             else:
-                self.stats.connect_errors[exc.failure.value] += 1
+                self.stats.connect_errors[(listener, exc.failure.value)] += 1
             raise
         self.stats.connect_seconds.observe(time.monotonic() - started)
         return made

@@ -193,10 +193,8 @@ async def test_500_silent_connections_do_not_keep_a_request_waiting(
         m = await scrape(proxy)
         timeouts = "proxytap_downstream_handshake_timeouts_total"
         assert sample(m, timeouts, listener="http", stage="first_byte") == 500
-        assert (
-            sample(m, "proxytap_downstream_http_requests_total", code_class="2xx", source="origin")
-            == 1
-        )
+        requests = "proxytap_downstream_http_requests_total"
+        assert sample(m, requests, listener="http", code_class="2xx", source="origin") == 1
         handshaking = (
             "proxytap_downstream_connections_active",
             (("listener", "http"), ("protocol", "handshake")),
