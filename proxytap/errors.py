@@ -139,10 +139,13 @@ _DESCRIPTION = {
 class UpstreamError(ProxytapError, OSError):
     """Connecting upstream failed; ``failure`` says how (never the errno text)."""
 
-    def __init__(self, failure: Failure, detail: str = "") -> None:
-        super().__init__(failure.description)
+    def __init__(self, failure: Failure, detail: str = "", message: str = "") -> None:
+        super().__init__(message or failure.description)
         self.failure = failure
         self.detail = detail  # for logs only, never sent to the client
+        # what the client is told instead of ``failure.description`` (a policy
+        # refusal names its rule and the setting that would allow the request)
+        self.message = message or failure.description
 
 
 _ERRNO_FAILURE = {

@@ -23,9 +23,11 @@ from proxytap.flows.table import CloseReason, Connection, endpoint
 from proxytap.front.authn import auth_failed, check_proxy_authorization
 from proxytap.front.relay import Early, PendingUpstream, Relay, linger_close
 from proxytap.front.replies import http_error
-from proxytap.front.services import CLIENT_ACL, SOCKS4_USERID, Services
+from proxytap.front.services import CLIENT_ACL, HANDSHAKE_TEXT, SOCKS4_USERID, Services
 from proxytap.front.tunnel import finished, relay_tunnel
+from proxytap.hostport import hostport
 from proxytap.modules.api import Context, ModuleError
+from proxytap.policy.acl import refusal_text
 from proxytap.policy.auth import socks4_userid_ok
 from proxytap.policy.message import RequestHead
 from proxytap.proto import httpconnect
@@ -333,7 +335,8 @@ class ClientConnection(asyncio.Protocol):
             verdict = services.destinations.check_connect_port(port)
             if not verdict.allowed:
                 services.denied(self.listener.name, verdict.rule, "connect port denied")
-                self._connect_failed(host, port, Failure.DENIED, f"rule {verdict.rule}")
+                text = refusal_text(verdict.rule, port)
+                self._connect_failed(host, port, Failure.DENIED, f"rule {verdict.rule}", text)
                 return False, None
         chain = self.chain
         if not chain.active:
@@ -370,7 +373,7 @@ class ClientConnection(asyncio.Protocol):
             )
         except UpstreamError as exc:
             self._close_ctx()
-            self._connect_failed(host, port, exc.failure, exc.detail)
+            self._connect_failed(host, port, exc.failure, exc.detail, exc.message)
             return
         reply = self._success_reply(server, host, port)
         if reply is None:
@@ -451,22 +454,26 @@ class ClientConnection(asyncio.Protocol):
         log.info("client %s:%d refused by a module: %s", *self.conn.client, exc.reason)
         self._close("refused by a module", linger=True)
 
-    def _connect_failed(self, host: str, port: int, failure: Failure, detail: str) -> None:
+    def _connect_failed(
+        self, host: str, port: int, failure: Failure, detail: str, message: str = ""
+    ) -> None:
+        """``message``: what the client is told (a policy refusal's rule and setting)."""
         assert self.transport is not None and self.conn is not None
+        message = message or failure.description
         log.info(
-            "connect %s %s:%d -> %s:%d failed: %s (%s)",
+            "connect %s %s -> %s failed: %s (%s): %s",
             self.conn.protocol,
-            *self.conn.client,
-            host,
-            port,
+            hostport(*self.conn.client),
+            hostport(host, port),
             failure.value,
             detail,
+            message,
         )
         if self.socks is not None:
             self.transport.write(self.socks.reply(failure.socks5))
             self._answered(socks_result(self.socks_version, failure.socks5))
         else:
-            self._http_error(failure.http_status, failure.description, failure.value)
+            self._http_error(failure.http_status, message, failure.value)
         self._close(f"connect failed: {failure.value}", linger=True)
 
     def _deny(
@@ -485,6 +492,7 @@ class ClientConnection(asyncio.Protocol):
         if count:
             self._count_refusal(rule, reason)
         limit = rule.startswith("max-connections")
+        text = HANDSHAKE_TEXT.get(rule, reason)  # policy rules: the setting to change
         if self.socks is not None:
             code = 0x01 if limit else 0x02
             self.transport.write(self.socks.reply(code))
@@ -493,8 +501,8 @@ class ClientConnection(asyncio.Protocol):
             if status is None:
                 status = 503 if limit else 403
             error = "connection_limit_reached" if limit else "http_request_denied"
-            self._http_error(status, reason, error)
-        log.info("client %s:%d refused by %s: %s", *self.conn.client, rule, reason)
+            self._http_error(status, text, error)
+        log.info("client %s refused by %s: %s", hostport(*self.conn.client), rule, text)
         self._close(f"refused by {rule}", linger=True)
 
     def _count_refusal(self, rule: str, reason: str) -> None:

@@ -35,6 +35,7 @@ from proxytap.flows.table import DOWN, UP, CloseReason, Endpoint, Flow
 from proxytap.front.http_exchange import IDEMPOTENT, BadResponse, ClientOut, Exchange, UpPhase
 from proxytap.front.http_response import TOO_LARGE, ResponseReader
 from proxytap.front.relay import EARLY_LIMIT, PendingUpstream, reset
+from proxytap.hostport import hostport
 from proxytap.proto.http1 import Body
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ class UpstreamConnection(ResponseReader):
                 self.host, self.port, self.conn.user, PendingUpstream, listener=self.conn.listener
             )
         except UpstreamError as exc:
-            self._connect_failed(exc.failure, exc.detail)
+            self._connect_failed(exc.failure, exc.detail, exc.message)
             return
         except Exception as exc:  # never leave the client waiting
             self._connect_failed(classify_os_error(exc), repr(exc))
@@ -118,22 +119,24 @@ class UpstreamConnection(ResponseReader):
         if pending.lost:
             self.connection_lost(pending.exc)
 
-    def _connect_failed(self, failure: Failure, detail: str) -> None:
+    def _connect_failed(self, failure: Failure, detail: str, message: str = "") -> None:
+        """``message``: what the client is told (a policy refusal's rule and setting)."""
         req = self.req
         self.phase = _CLOSED
         self.task = None
         self._unhook()
         self.fwd.upstream_gone(self, False)
+        message = message or failure.description
         log.info(
-            "http %s:%d -> %s:%d connect failed: %s (%s)",
-            *self.conn.client,
-            self.host,
-            self.port,
+            "http %s -> %s connect failed: %s (%s): %s",
+            hostport(*self.conn.client),
+            hostport(self.host, self.port),
             failure.value,
             detail,
+            message,
         )
         if req is not None:
-            self.error = (failure.http_status, failure.description, failure.value)
+            self.error = (failure.http_status, message, failure.value)
             self.fwd.upstream_failed(self, req, CloseReason.ERROR)
 
     # -- the forwarder's calls ------------------------------------------------------------

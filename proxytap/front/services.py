@@ -27,7 +27,7 @@ from proxytap.front.upstream import (
 )
 from proxytap.modules.chain import Chain
 from proxytap.modules.loader import build_chains, header_rules
-from proxytap.policy.acl import ClientAcl, DestinationPolicy, build_policy
+from proxytap.policy.acl import ClientAcl, DestinationPolicy, build_policy, refusal_text
 from proxytap.policy.headers import HeaderRules
 
 log = logging.getLogger("proxytap")
@@ -49,6 +49,12 @@ PER_CLIENT = "max-connections-per-client"
 GLOBAL = "max-connections"
 CLIENT_ACL = "client-acl"
 SOCKS4_USERID = "socks4-userid"
+# what a client refused at the handshake by these rules is told: the setting to change
+HANDSHAKE_TEXT = {
+    CLIENT_ACL: "the client address is not allowed by rule client-acl; allow it in access.clients",
+    SOCKS4_USERID: "the SOCKS4 user id is not accepted by rule socks4-userid; "
+    "allow it in auth.socks4_userids",
+}
 
 
 class TaskSet:
@@ -246,7 +252,8 @@ class Services:
         if decision is not None and not decision.allowed:
             failure = decision.failure or Failure.DENIED
             self.denied(listener, decision.rule, "destination denied")
-            raise UpstreamError(failure, f"rule {decision.rule}")
+            text = refusal_text(decision.rule, port)
+            raise UpstreamError(failure, f"rule {decision.rule}", text)
         policy = self.destinations
         denied_by: list[str] = []
 
@@ -274,6 +281,7 @@ class Services:
         except UpstreamError as exc:
             if exc.failure is Failure.PROHIBITED and denied_by:
                 self.denied(listener, denied_by[0], "destination denied")
+                exc.message = refusal_text(denied_by[0], port)
             else:
                 self.stats.connect_errors[(listener, exc.failure.value)] += 1
             raise

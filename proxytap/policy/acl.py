@@ -98,6 +98,7 @@ _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 _NAT64_HIGH: Final = int(ipaddress.IPv6Address("64:ff9b::")) >> 32
 _RULE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 CONNECT_PORTS = "connect-ports"  # the rule name of CONNECT port refusals
+DEFAULT_DENY = "default-deny:"  # + the range's label: the rule name of a default-denied range
 _RESERVED_NAMES = ("default-", "connect-ports", "invalid-")
 _LABEL = re.compile(r"[a-z0-9_-]{1,63}")
 _PORT_RANGE = re.compile(r"\s*([0-9]{1,5})\s*(?:-\s*([0-9]{1,5})\s*)?")
@@ -599,7 +600,7 @@ class DestinationPolicy:
                 break
         label = self.denied_range(addr, candidates)
         if label is not None:
-            return Decision.deny(f"default-deny:{label}")
+            return Decision.deny(f"{DEFAULT_DENY}{label}")
         return Decision.allow(allowed_by)
 
     def denied_range(
@@ -619,6 +620,32 @@ class DestinationPolicy:
                         break
                     return f"{via}:{label}" if via else label
         return None
+
+
+# -- telling the client ---------------------------------------------------------------
+
+
+def refusal_text(rule: str, port: int) -> str:
+    """What the client is told when destination ``rule`` refused its request.
+
+    It names the rule and the setting that would allow the request, so whoever
+    reads it knows what to change; never an address the proxy resolved (a
+    client must not learn where an internal name points). ``port`` is the
+    client's own.
+    """
+    if rule == CONNECT_PORTS:
+        return (
+            f"CONNECT to port {port} is not allowed by rule connect-ports; "
+            "allow the port with --connect-ports or access.connect_ports"
+        )
+    if rule.startswith(DEFAULT_DENY):
+        return (
+            f"the destination is in a range denied by default (rule {rule}); "
+            "allow the range with --allow-dest or access.allow_dest"
+        )
+    if rule.startswith("invalid-"):
+        return f"the destination is not a valid host (rule {rule})"
+    return f"the destination is denied by rule {rule!r} of [[access.rules]]"
 
 
 # -- configuration -------------------------------------------------------------------

@@ -75,7 +75,9 @@ async def test_client_not_in_allow_list_is_refused(start_proxy: ProxyFactory) ->
     got = await exchange(proxy.http, connect_req("127.0.0.1:443"), local="127.0.0.2")
     assert got.startswith(b"HTTP/1.1 403 Forbidden\r\n")
     assert b"Proxy-Status: proxytap; error=http_request_denied\r\n" in got
-    assert got.endswith(b"client address not allowed\n")
+    assert got.endswith(
+        b"the client address is not allowed by rule client-acl; allow it in access.clients\n"
+    )
     socks5 = b"\x05\x01\x00\x05\x01\x00\x01\x7f\x00\x00\x01\x01\xbb"
     got = await exchange(proxy.socks, socks5, local="127.0.0.2")
     assert got == b"\x05\x00\x05\x02\x00\x01" + b"\x00" * 6
