@@ -342,8 +342,9 @@ CORPUS: list[Case] = [
     ok(
         "cl-named-in-connection", POST + CL + b"5\r\nConnection: Content-Length, close\r\n\r\nhello"
     ),
-    ok(
-        "te-underscore-is-another-field",
+    # a look-alike of a framing field is refused (servers mapping "-" to "_" would frame by it)
+    bad(
+        "te-underscore-look-alike",
         POST + b"Transfer_Encoding: chunked\r\n" + CL + b"5\r\n\r\nhello",
     ),
     ok("chunked-body-carrying-a-request", POST + TE + b"chunked\r\n\r\n" + CARRIER),

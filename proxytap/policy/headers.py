@@ -168,6 +168,11 @@ _FORWARDED: Final = b"forwarded"
 _SPECIAL: Final = frozenset((_CL, _TE, _HOST, _PROXY_AUTH, _EXPECT)) | {
     n.encode() for n in HOP_BY_HOP
 }
+# Framing and hop-by-hop names with a "-": a field that differs from one only by
+# "_" for "-" (``Transfer_Encoding``) is refused, never forwarded: servers and
+# CGI-style gateways that map "-" to "_" (HTTP_TRANSFER_ENCODING) would read it
+# as the real one, and then two hops disagree on framing (request smuggling).
+_LOOKALIKES: Final = {n.replace(b"-", b"_"): n for n in _RESERVED if b"-" in n}
 
 
 # -- configuration --------------------------------------------------------------------
@@ -326,6 +331,14 @@ class HeaderRules:
             if request:
                 raise request_error(why)
             raise response_error(f"{why} in the response")
+        if b"_" in names:  # rare: one search of all names keeps the common case cheap
+            for name, _ in fields:
+                real = _LOOKALIKES.get(name.lower())
+                if real is not None:
+                    why = f"header name {name.decode()} looks like {real.decode()} ('_' for '-')"
+                    if request:
+                        raise request_error(why)
+                    raise response_error(f"{why} in the response")
         values = b"\t".join([v for _, v in fields])
         if _BAD_VALUE.search(values) is not None:
             why = (
