@@ -149,6 +149,14 @@ def build_sinks(config: Config, classifier: Classifier) -> list[Sink]:
         from proxytap.export.jsonlog import JsonFlowLog
 
         sinks.append(JsonFlowLog.from_config(config.log))
+    if exp.pcap.dir:
+        from proxytap.export.pcap_sink import PcapFileSink
+
+        sinks.append(PcapFileSink.from_config(exp.pcap))
+    if exp.pcap.listen:
+        from proxytap.export.pcap_sink import PcapServer
+
+        sinks.append(PcapServer.from_config(exp.pcap))
     return sinks
 
 

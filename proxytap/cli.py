@@ -34,6 +34,8 @@ examples:
   proxytap run --config /etc/proxytap/proxytap.toml
   proxytap check-config deploy/proxytap.example.toml
   proxytap run --admin 127.0.0.1:9091 --log-flows /var/log/proxytap/flows.json
+  proxytap run --pcap /var/lib/proxytap/pcap   inner flows as TCP/IP packets (Wireshark, Zeek)
+  proxytap run --pcap-listen 127.0.0.1:57012    PCAP-over-IP: nc 127.0.0.1 57012 | tshark -r -
   proxytap tap /tmp/sf-tap/tcp/http --hexdump
   proxytap ca init                              the interception CA in certs/ (tls.ca_dir)
   proxytap flows --once                         the live flow table, from the admin API
@@ -92,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
         )
     run.add_argument("--sftap-home", metavar="DIR", help="serve SF-TAP flow sockets under DIR")
     run.add_argument("--loopback7", metavar="PATH", help="feed a running abstractor's loopback7")
+    run.add_argument(
+        "--pcap",
+        metavar="DIR",
+        help="write every inner flow as TCP/IP packets to pcap files in DIR",
+    )
+    run.add_argument(
+        "--pcap-listen",
+        metavar="HOST:PORT",
+        type=_hostport,
+        help="PCAP-over-IP: stream the packets to every TCP reader of HOST:PORT",
+    )
     run.add_argument(
         "--export-overload",
         choices=["drop", "wait"],
@@ -169,6 +182,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
         export = dataclasses.replace(
             export, overload=args.export_overload, loopback7_overload=args.export_overload
         )
+    if args.pcap or args.pcap_listen:
+        pcap = export.pcap
+        if args.pcap:
+            pcap = dataclasses.replace(pcap, dir=args.pcap)
+        if args.pcap_listen:
+            pcap = dataclasses.replace(pcap, listen=args.pcap_listen)
+        export = dataclasses.replace(export, pcap=pcap)
     cfg = dataclasses.replace(cfg, export=export)
     access = cfg.access
     if args.allow_dest:

@@ -23,6 +23,7 @@ from proxytap.export.channel import MIN_SNDBUF, OVERLOAD_POLICIES
 from proxytap.policy.acl import AccessConfig
 from proxytap.policy.auth import AuthConfig
 from proxytap.policy.headers import HttpConfig
+from proxytap.proto.pcap import MAX_MSS
 
 LISTENER_KINDS = ("http", "socks", "mixed")
 
@@ -187,6 +188,35 @@ class TlsCheckConfig:
 
 
 @dataclass(frozen=True)
+class PcapConfig:
+    """``[export.pcap]``: inner flows as synthesized TCP/IP packets (proxytap.proto.pcap)."""
+
+    dir: str | None = None  # write pcap files here (created 0750 if missing)
+    rotate_bytes: int = 100 << 20  # start a new file before one would pass this size; 0: never
+    rotate_seconds: float = 3600.0  # start a new file after this long; 0: never
+    snaplen: int = 65535  # bytes of each packet kept (the original length is recorded)
+    mss: int = 1460  # largest TCP payload per synthesized segment
+    listen: str | None = None  # PCAP-over-IP: serve the live packets on HOST:PORT (TCP)
+    buffer: int = 8 << 20  # bytes waiting for the disk, and per PCAP-over-IP reader
+
+    def validate(self, key: str) -> None:
+        if self.dir is not None and not self.dir:
+            raise ConfigError(f"{key}.dir", "must be a directory path")
+        if self.rotate_bytes < 0:
+            raise ConfigError(f"{key}.rotate_bytes", "must be >= 0 (0: no size rotation)")
+        if self.rotate_seconds < 0:
+            raise ConfigError(f"{key}.rotate_seconds", "must be >= 0 (0: no time rotation)")
+        if not 64 <= self.snaplen <= 262144:
+            raise ConfigError(f"{key}.snaplen", "must be 64..262144")
+        if not 1 <= self.mss <= MAX_MSS:
+            raise ConfigError(f"{key}.mss", f"must be 1..{MAX_MSS}")
+        if self.listen is not None:
+            parse_hostport(self.listen, f"{key}.listen")
+        if self.buffer <= 0:
+            raise ConfigError(f"{key}.buffer", "must be > 0")
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     sftap_home: str | None = None  # serve SF-TAP flow sockets under this directory
     sftap_mode: int = 0o660  # permission bits of the served sockets
@@ -209,6 +239,7 @@ class ExportConfig:
     classify_timeout: float = 0.5  # a flow no rule matched yet goes to "default" after this
     chunk: int = 32768  # largest DATA body on served sockets (<= 65535; see README)
     rules: tuple[Mapping[str, Any], ...] = ()  # extra / overriding classification rules
+    pcap: PcapConfig = PcapConfig()  # [export.pcap]: pcap files and PCAP-over-IP
 
     def validate(self, key: str) -> None:
         for name, fmt in (
@@ -237,6 +268,7 @@ class ExportConfig:
         for name in ("max_wait", "loopback7_max_wait", "classify_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{key}.{name}", "must be > 0")
+        self.pcap.validate(f"{key}.pcap")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,465 @@
+"""PCAP export through a real proxy, checked with tshark: files, rotation, faults, PCAP-over-IP.
+
+Sessions are real: curl through CONNECT and SOCKS5 to a local origin that
+records what it received and sent; tshark then reads what proxytap wrote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import re
+import socket
+import stat
+import struct
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from python_socks import ProxyType
+from python_socks.async_.asyncio import Proxy
+
+from proxytap.config import AdminConfig, Config, ExportConfig, ListenerConfig, PcapConfig, load
+from proxytap.export.pcap_sink import PcapFileSink, PcapServer
+from proxytap.flows.table import DOWN, UP, CloseReason, FlowTable
+from tests.conftest import (
+    TEST_ACCESS,
+    ProxyFactory,
+    RawServer,
+    RunningProxy,
+    curl,
+    pattern,
+    run,
+    wait_until,
+)
+from tests.export.sftap_helpers import make_flow
+from tests.proto.test_pcap import parse_file
+
+LISTENERS = (
+    ListenerConfig(kind="http", address="127.0.0.1:0", name="http"),
+    ListenerConfig(kind="socks", address="127.0.0.1:0", name="socks"),
+)
+CHECKS = ("-o", "tcp.check_checksum:TRUE", "-o", "ip.check_checksum:TRUE")
+BODY = 150_000  # ~100 segments each way's worth of analysis
+
+
+def pcap_config(tmp: Path | None, **kw: Any) -> Config:
+    pcap = PcapConfig(dir=str(tmp) if tmp else None, **kw)
+    return Config(
+        listeners=LISTENERS,
+        access=TEST_ACCESS,
+        export=ExportConfig(pcap=pcap),
+        admin=AdminConfig(address="127.0.0.1:0"),
+    )
+
+
+async def tshark(*args: str, input: bytes | None = None) -> str:
+    if input is None:
+        rc, out, err = await run("tshark", *args)
+    else:
+        # a real pipe on stdin, as in ``nc host port | tshark -r -`` (tshark refuses the
+        # socketpair uvloop's subprocesses get)
+        proc = await asyncio.to_thread(
+            subprocess.run, ["tshark", *args], input=input, capture_output=True, timeout=60
+        )
+        rc, out, err = proc.returncode, proc.stdout, proc.stderr
+    assert rc == 0, err.decode()
+    return out.decode()
+
+
+def sink_of(proxy: RunningProxy, kind: type[Any]) -> Any:
+    return next(s for s in proxy.app.sinks if isinstance(s, kind))
+
+
+def pcap_files(d: Path) -> list[Path]:
+    return sorted(d.glob("proxytap-*.pcap"))
+
+
+class RecordingOrigin:
+    """A raw HTTP origin: one response of ``body`` pattern bytes per connection, then
+    close; keeps (bytes received, bytes sent) per connection."""
+
+    def __init__(self, body: int = BODY) -> None:
+        self.body = body
+        self.conns: list[tuple[bytes, bytes]] = []
+
+    async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+        out = (
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % self.body
+            + pattern(self.body)
+        )
+        w.write(out)
+        await w.drain()
+        self.conns.append((head, out))
+
+
+def follow_raw(text: str) -> tuple[int, bytes, bytes]:
+    """tshark's ``follow,tcp,raw`` output: (node 0's port, bytes from node 0, from node 1)."""
+    node0 = re.search(r"^Node 0: .*:(\d+)$", text, re.M)
+    assert node0, text[:500]
+    a, b = bytearray(), bytearray()
+    body = text.split("Node 1:", 1)[1].split("\n", 1)[1]
+    for line in body.splitlines():
+        if line.startswith("====="):
+            break
+        if line.startswith("\t"):
+            b += bytes.fromhex(line.strip())
+        elif line.strip():
+            a += bytes.fromhex(line.strip())
+    return int(node0.group(1)), bytes(a), bytes(b)
+
+
+async def check_tcp_streams(
+    path: Path, sessions: dict[int, tuple[bytes, bytes]], origin_port: int, proxy_ports: set[int]
+) -> None:
+    """conv, follow (both ways, exact), analysis flags and checksums of ``path``:
+    ``sessions`` maps the client's port to what the origin received and sent."""
+    conv = await tshark("-r", str(path), "-q", "-z", "conv,tcp")
+    pairs = re.findall(r"^(\S+):(\d+)\s+<->\s+(\S+):(\d+)\s", conv, re.M)
+    assert sorted((a, int(p), b, int(q)) for a, p, b, q in pairs) == sorted(
+        ("127.0.0.1", port, "127.0.0.1", origin_port) for port in sessions
+    ), conv
+    for port in proxy_ports:
+        assert f":{port} " not in conv  # the true endpoints, never the proxy
+    for index in range(len(sessions)):
+        client_port, up, down = follow_raw(
+            await tshark("-r", str(path), "-q", "-z", f"follow,tcp,raw,{index}")
+        )
+        received, sent = sessions[client_port]
+        assert up == received and down == sent
+    assert await tshark("-r", str(path), "-Y", "tcp.analysis.flags", *CHECKS) == ""
+    verbose = await tshark("-r", str(path), "-V", *CHECKS)
+    assert "[Checksum Status: Good]" in verbose and "[Header checksum status: Good]" in verbose
+    assert "Bad" not in verbose
+
+
+# -- files, from real sessions ---------------------------------------------------------------------
+
+
+async def test_connect_and_socks5_sessions_as_packets(
+    start_proxy: ProxyFactory, raw_server: Any, tmp_path: Path
+) -> None:
+    d = tmp_path / "pcap"
+    origin_app = RecordingOrigin()
+    origin: RawServer = await raw_server(origin_app.handle)
+    proxy: RunningProxy = await start_proxy(pcap_config(d))
+    url = f"http://127.0.0.1:{origin.port}"
+    fmt = ("-w", "%{local_port}", "-o", os.devnull)
+    rc, connect_port, err = await curl("-p", "-x", proxy.http_url, *fmt, f"{url}/tunnel")
+    assert rc == 0, err
+    socks = "socks5://{}:{}".format(*proxy.socks)
+    rc, socks_port, err = await curl("-x", socks, *fmt, f"{url}/socks")
+    assert rc == 0, err
+    await proxy.recorder.wait_destroyed(2)
+    sink: PcapFileSink = sink_of(proxy, PcapFileSink)
+    await sink.flush()
+    (path,) = pcap_files(d)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    by_path = {b"/tunnel": int(connect_port), b"/socks": int(socks_port)}
+    sessions = {by_path[head.split(b" ")[1]]: (head, sent) for head, sent in origin_app.conns}
+    proxies = {proxy.http[1], proxy.socks[1]}
+    await check_tcp_streams(path, sessions, origin.port, proxies)
+    # HTTP inside a plain tunnel is dissected as HTTP, on the origin's real port
+    requests = await tshark(
+        "-r", str(path), "-Y", "http.request", "-T", "fields", "-e", "http.request.uri",
+        "-e", "tcp.dstport",
+    )  # fmt: skip
+    assert sorted(requests.split("\n")[:-1]) == [
+        f"/socks\t{origin.port}",
+        f"/tunnel\t{origin.port}",
+    ]
+    # normal ends: FIN both ways, no RST
+    fins = await tshark(
+        "-r", str(path), "-Y", "tcp.flags.fin==1", "-T", "fields", "-e", "tcp.srcport"
+    )
+    assert sorted(fins.split()) == sorted(
+        [str(origin.port)] * 2 + [connect_port.decode(), socks_port.decode()]
+    )
+    assert await tshark("-r", str(path), "-Y", "tcp.flags.reset==1") == ""
+    stats = sink.stats()
+    assert stats.kind == "pcap" and stats.events["packet"] > 200
+    assert stats.drops == {"buffer_full": 0, "write_error": 0}
+
+
+async def test_a_reset_flow_ends_with_rst(
+    start_proxy: ProxyFactory, raw_server: Any, tmp_path: Path
+) -> None:
+    async def abort(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readexactly(5)
+        w.write(b"bye\n")
+        await w.drain()
+        sock = w.get_extra_info("socket")
+        # unread data and linger 0: the kernel answers with RST, not FIN
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        w.transport.abort()
+
+    origin: RawServer = await raw_server(abort)
+    d = tmp_path / "pcap"
+    proxy: RunningProxy = await start_proxy(pcap_config(d))
+    sock = await Proxy(ProxyType.SOCKS5, *proxy.socks).connect("127.0.0.1", origin.port)
+    client_port = sock.getsockname()[1]
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(b"hello and more bytes the origin never reads")
+    got = b""
+    with pytest.raises(ConnectionResetError):  # the proxy passes the reset on
+        for _ in range(10):
+            chunk = await asyncio.wait_for(reader.read(100), 5)
+            got += chunk
+    assert got == b"bye\n"
+    writer.close()
+    await proxy.recorder.wait_destroyed(1)
+    (flow,) = proxy.recorder.flows()
+    assert proxy.recorder.reason(flow) == CloseReason.RESET
+    await sink_of(proxy, PcapFileSink).flush()
+    (path,) = pcap_files(d)
+    rst = await tshark(
+        "-r", str(path), "-Y", "tcp.flags.reset==1", "-T", "fields", "-e", "tcp.srcport",
+        "-e", "tcp.dstport",
+    )  # fmt: skip
+    assert rst == f"{client_port}\t{origin.port}\n"
+    assert await tshark("-r", str(path), "-Y", "tcp.flags.fin==1") == ""
+    assert await tshark("-r", str(path), "-Y", "tcp.analysis.flags", *CHECKS) == ""
+    _, _, pkts = parse_file(path.read_bytes())
+    assert pkts[-1].flags & 0x04  # the RST is the last packet
+
+
+async def test_rotation_by_size_spreads_everything_over_files(
+    start_proxy: ProxyFactory, raw_server: Any, tmp_path: Path
+) -> None:
+    d = tmp_path / "pcap"
+    origin_app = RecordingOrigin(body=400_000)
+    origin: RawServer = await raw_server(origin_app.handle)
+    proxy: RunningProxy = await start_proxy(pcap_config(d, rotate_bytes=60_000))
+    socks = "socks5://{}:{}".format(*proxy.socks)
+    fmt = ("-w", "%{local_port}", "-o", os.devnull)
+    rc, port, err = await curl("-x", socks, *fmt, f"http://127.0.0.1:{origin.port}/big")
+    assert rc == 0, err
+    await proxy.recorder.wait_destroyed(1)
+    sink: PcapFileSink = sink_of(proxy, PcapFileSink)
+    await sink.flush()
+    files = pcap_files(d)
+    assert len(files) >= 5 and sink.rotations == len(files) - 1
+    for f in files:
+        assert "1 " in await tshark("-r", str(f), "-c", "1")  # each file stands alone
+    merged = tmp_path / "all.pcap"
+    rc, _, err = await run("mergecap", "-F", "pcap", "-w", str(merged), *map(str, files))
+    assert rc == 0, err
+    ((head, sent),) = origin_app.conns
+    await check_tcp_streams(merged, {int(port): (head, sent)}, origin.port, {proxy.socks[1]})
+
+
+async def test_unwritable_directory_keeps_proxying_and_counts_write_errors(
+    start_proxy: ProxyFactory, raw_server: Any, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the directory should be")
+    origin_app = RecordingOrigin(body=1000)
+    origin: RawServer = await raw_server(origin_app.handle)
+    proxy: RunningProxy = await start_proxy(pcap_config(blocker / "pcap"))
+    socks = "socks5://{}:{}".format(*proxy.socks)
+    rc, out, err = await curl("-x", socks, f"http://127.0.0.1:{origin.port}/x")
+    assert rc == 0 and out == pattern(1000), err
+    await proxy.recorder.wait_destroyed(1)
+    sink: PcapFileSink = sink_of(proxy, PcapFileSink)
+    await sink.flush()
+    assert sink.drops["write_error"] >= 1 and sink.last_error
+    assert proxy.app.admin is not None
+    host, admin_port = proxy.app.admin.addresses()[0]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://{host}:{admin_port}/metrics") as resp,
+    ):
+        text = await resp.text()
+    m = re.search(
+        r'^proxytap_export_dropped_events_total\{reason="write_error",sink="pcap"\} (\S+)$'
+        r'|^proxytap_export_dropped_events_total\{sink="pcap",reason="write_error"\} (\S+)$',
+        text,
+        re.M,
+    )
+    assert m, [line for line in text.splitlines() if "dropped_events" in line]
+    assert float(m.group(1) or m.group(2)) >= 1
+
+
+# -- the file sink on its own: time rotation, recovery, a full disk --------------------------------
+
+
+async def test_time_rotation_and_reopen(tmp_path: Path) -> None:
+    sink = PcapFileSink(tmp_path, rotate_seconds=0.3, rotate_bytes=0)
+    await sink.start()
+    try:
+        flow = make_flow(FlowTable(), client=("127.0.0.1", 40001), server=("127.0.0.1", 80))
+        sink.flow_created(flow, flow.start)
+        sink.flow_data(flow, UP, b"GET / HTTP/1.0\r\n\r\n", flow.start + 0.1)
+        await sink.flush()
+        await wait_until(lambda: sink.path is not None and sink.rotations == 1, 3)
+        sink.flow_data(flow, DOWN, b"HTTP/1.0 200 OK\r\n\r\n", flow.start + 0.5)
+        await sink.flush()
+        sink.reopen()
+        sink.flow_destroyed(flow, CloseReason.NORMAL, flow.start + 1)
+        await sink.flush()
+    finally:
+        await sink.stop()
+    files = pcap_files(tmp_path)
+    assert len(files) == 3 and sink.files == 3
+    payloads = [[p.payload for p in parse_file(f.read_bytes())[2]] for f in files]
+    assert b"GET / HTTP/1.0\r\n\r\n" in payloads[0]
+    assert payloads[1][0] == b"HTTP/1.0 200 OK\r\n\r\n"  # a new file mid-flow: no handshake
+    assert payloads[2] == [b""] * 4  # the FIN exchange
+
+
+async def test_writing_resumes_after_a_failure(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    d.write_text("not a directory yet")
+    sink = PcapFileSink(d)
+    await sink.start()  # does not raise: the proxy must start anyway
+    try:
+        table = FlowTable()
+        first = make_flow(table, client=("127.0.0.1", 40002), server=("127.0.0.1", 80))
+        sink.flow_created(first, first.start)
+        await sink.flush()
+        assert sink.drops == {"write_error": 1} and sink.last_error
+        d.unlink()
+        d.mkdir()
+        second = make_flow(table, client=("127.0.0.1", 40003), server=("127.0.0.1", 80))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while not pcap_files(d):  # retried after the back-off (1 s)
+            assert loop.time() < deadline
+            sink.flow_data(second, UP, b"x", second.start)
+            await sink.flush()
+            await asyncio.sleep(0.1)
+    finally:
+        await sink.stop()
+    (path,) = pcap_files(d)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert any(p.payload == b"x" for p in parse_file(path.read_bytes())[2])
+
+
+async def test_a_full_disk_loses_packets_counted_and_closes_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink = PcapFileSink(tmp_path)
+    await sink.start()
+    try:
+        flow = make_flow(FlowTable(), client=("127.0.0.1", 40004), server=("127.0.0.1", 80))
+        sink.flow_created(flow, flow.start)
+        await sink.flush()
+        assert sink.path is not None and sink.stats().connected == 1
+        real_write = os.write
+
+        def full(fd: int, data: Any) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "write", full)
+        sink.flow_data(flow, UP, b"y" * 5000, flow.start + 1)
+        await sink.flush()
+        monkeypatch.setattr(os, "write", real_write)
+        assert sink.drops == {"write_error": 1} and sink.dropped_bytes == {"write_error": 5000}
+        assert sink.last_error and "space" in sink.last_error
+        assert sink.stats().connected == 0  # the file is closed
+    finally:
+        await sink.stop()
+
+
+async def test_a_full_buffer_drops_data_whole(tmp_path: Path) -> None:
+    sink = PcapFileSink(tmp_path, buffer_limit=10_000)
+    # not started: nothing drains the buffer
+    flow = make_flow(FlowTable(), client=("127.0.0.1", 40005), server=("127.0.0.1", 80))
+    sink.flow_created(flow, flow.start)
+    sink.flow_data(flow, UP, b"a" * 6000, flow.start)
+    sink.flow_data(flow, UP, b"b" * 6000, flow.start)  # does not fit: dropped, counted
+    assert sink.drops == {"buffer_full": 1} and sink.dropped_bytes == {"buffer_full": 6000}
+    assert sink.stats().buffered <= 10_000
+
+
+# -- PCAP-over-IP ---------------------------------------------------------------------------------
+
+
+def read_until_eof(sock: socket.socket) -> bytes:
+    """An ``nc``-like reader in its own thread: everything until end of file."""
+    sock.settimeout(20)  # bounded: the test fails rather than hangs
+    got = bytearray()
+    while chunk := sock.recv(1 << 16):
+        got += chunk
+    return bytes(got)
+
+
+async def test_pcap_over_ip_streams_to_readers_and_a_slow_one_blocks_nobody(
+    start_proxy: ProxyFactory, raw_server: Any
+) -> None:
+    origin_app = RecordingOrigin(body=6_000_000)
+    origin: RawServer = await raw_server(origin_app.handle)
+    cfg = pcap_config(None, listen="127.0.0.1:0", buffer=1_000_000)
+    proxy: RunningProxy = await start_proxy(cfg)
+    server: PcapServer = sink_of(proxy, PcapServer)
+    assert server.address is not None and server.address[0] == "127.0.0.1"
+    fast = socket.create_connection(server.address)
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.connect(server.address)  # never reads
+    reading = asyncio.ensure_future(asyncio.to_thread(read_until_eof, fast))
+    try:
+        await wait_until(lambda: len(server.readers) == 2, 3)
+        by_peer = {r.peer[1]: r for r in server.readers}
+        fast_reader, slow_reader = by_peer[fast.getsockname()[1]], by_peer[slow.getsockname()[1]]
+        socks = "socks5://{}:{}".format(*proxy.socks)
+        fmt = ("-w", "%{local_port}", "-o", os.devnull)
+        rc, port, err = await curl("-x", socks, *fmt, f"http://127.0.0.1:{origin.port}/live")
+        assert rc == 0, err
+        await proxy.recorder.wait_destroyed(1)
+        stats = server.stats()
+        assert stats.connected == 2 and stats.drops["buffer_full"] == slow_reader.drops > 0
+        assert fast_reader.drops == 0
+        await server.stop()  # flushes the fast reader, then its end of file
+        got = await asyncio.wait_for(reading, 20)
+    finally:
+        slow.close()
+        fast.close()
+    ((head, sent),) = origin_app.conns
+    # the fast reader's stream is a pcap file: tshark reads it from a pipe
+    conv = await tshark("-r", "-", "-q", "-z", "conv,tcp", input=got)
+    assert f"127.0.0.1:{int(port)}" in conv and f"127.0.0.1:{origin.port}" in conv
+    _, up, down = follow_raw(await tshark("-r", "-", "-q", "-z", "follow,tcp,raw,0", input=got))
+    assert up == head and down == sent
+    assert await tshark("-r", "-", "-Y", "tcp.analysis.flags", *CHECKS, input=got) == ""
+
+
+async def test_pcap_over_ip_without_readers_frames_nothing(tmp_path: Path) -> None:
+    server = PcapServer("127.0.0.1", 0)
+    await server.start()
+    try:
+        flow = make_flow(FlowTable(), client=("127.0.0.1", 40006), server=("127.0.0.1", 80))
+        server.flow_created(flow, flow.start)
+        server.flow_data(flow, UP, b"z" * 100, flow.start)
+        assert server.packets == 0 and server.stats().drops == {"buffer_full": 0}
+        assert server.address is not None
+        reader, writer = await asyncio.open_connection(*server.address)
+        header = await asyncio.wait_for(reader.readexactly(24), 5)
+        assert header[:4] == bytes.fromhex("d4c3b2a1") and header[20:] == (101).to_bytes(
+            4, "little"
+        )
+        await wait_until(lambda: len(server.readers) == 1, 3)
+        server.flow_data(flow, DOWN, b"w" * 10, flow.start + 1)
+        record = await asyncio.wait_for(reader.readexactly(16 + 40 + 10), 5)
+        assert record.endswith(b"w" * 10)
+        writer.close()
+    finally:
+        await server.stop()
+
+
+# -- config ------------------------------------------------------------------------------------
+
+
+def test_every_pcap_key_is_documented() -> None:
+    here = Path(__file__).parent.parent.parent
+    example = (here / "deploy" / "proxytap.example.toml").read_text()
+    section = example.split("[export.pcap]", 1)[1].split("\n[", 1)[0]
+    readme = (here / "README.md").read_text().split("### PCAP", 1)[1].split("\n## ", 1)[0]
+    for name in PcapConfig.__dataclass_fields__:
+        assert re.search(rf"^#? ?{name} =", section, re.M), name
+        assert f"`{name}`" in readme, name
+    assert load(here / "deploy" / "proxytap.example.toml").export.pcap == PcapConfig()
