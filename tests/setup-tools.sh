@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the real external tools the test suite drives (curl, htpasswd, promtool, tshark: the JA3 oracle). Debian packages only; a no-op when they are present.
+# Installs the real external tools the test suite drives (curl, htpasswd, promtool, tshark: the JA3 oracle and the PCAP reader; mergecap comes with it). Debian packages only; a no-op when they are present.
 set -euo pipefail
 need=()
 command -v curl >/dev/null 2>&1 || need+=(curl)
@@ -13,5 +13,7 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
   echo "installing test tools: ${need[*]}"
   apt-get update -qq
+  # tshark's package asks whether non-root users may capture: answer no, without a prompt
+  echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi

@@ -7,6 +7,7 @@ records what it received and sent; tshark then reads what proxytap wrote.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import os
 import re
@@ -14,6 +15,7 @@ import socket
 import stat
 import struct
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +185,63 @@ async def test_connect_and_socks5_sessions_as_packets(
     stats = sink.stats()
     assert stats.kind == "pcap" and stats.events["packet"] > 200
     assert stats.drops == {"buffer_full": 0, "write_error": 0}
+
+
+async def test_ipv6_and_mixed_families(
+    start_proxy: ProxyFactory, raw_server: Any, tmp_path: Path
+) -> None:
+    """An IPv6 client of an IPv6 origin is IPv6 end to end; an IPv4 client of the same
+    origin is written as IPv6 too, from its IPv4-mapped address."""
+    d = tmp_path / "pcap"
+    origin_app = RecordingOrigin(body=20_000)
+    origin: RawServer = await raw_server(origin_app.handle, host="::1")
+    cfg = dataclasses.replace(
+        pcap_config(d),
+        listeners=(
+            ListenerConfig(kind="socks", address="[::1]:0", name="socks6"),
+            ListenerConfig(kind="socks", address="127.0.0.1:0", name="socks4"),
+        ),
+    )
+    proxy: RunningProxy = await start_proxy(cfg)
+    fmt = ("-w", "%{local_port}", "-o", os.devnull)
+    ports = []
+    t0 = time.time() - 0.001  # pcap keeps microseconds
+    for name in ("socks6", "socks4"):
+        host, port = proxy.addr(name)
+        bracketed = f"[{host}]" if ":" in host else host
+        rc, out, err = await curl(
+            "-x", f"socks5://{bracketed}:{port}", *fmt, f"http://[::1]:{origin.port}/{name}"
+        )
+        assert rc == 0, err
+        ports.append(int(out))
+    await proxy.recorder.wait_destroyed(2)
+    await sink_of(proxy, PcapFileSink).flush()
+    (path,) = pcap_files(d)
+    fields = await tshark(
+        "-r", str(path), "-Y", "tcp.flags.syn==1 && tcp.flags.ack==0", "-T", "fields",
+        "-e", "ipv6.src", "-e", "tcp.srcport", "-e", "ipv6.dst", "-e", "tcp.dstport",
+    )  # fmt: skip
+    assert fields.splitlines() == [
+        f"::1\t{ports[0]}\t::1\t{origin.port}",
+        f"::ffff:127.0.0.1\t{ports[1]}\t::1\t{origin.port}",
+    ]
+    assert await tshark("-r", str(path), "-Y", "ip") == ""  # no IPv4 packet
+    # every packet is stamped with when the proxy saw it: within the sessions, in order
+    times = [
+        float(t)
+        for t in (await tshark("-r", str(path), "-T", "fields", "-e", "frame.time_epoch")).split()
+    ]
+    assert t0 <= times[0] and times[-1] <= time.time() and times == sorted(times)
+    assert await tshark("-r", str(path), "-Y", "tcp.analysis.flags", *CHECKS) == ""
+    verbose = await tshark("-r", str(path), "-V", *CHECKS)
+    assert "[Checksum Status: Good]" in verbose and "Bad" not in verbose
+    sessions = {b"/socks6": ports[0], b"/socks4": ports[1]}
+    by_port = {sessions[head.split(b" ")[1]]: (head, sent) for head, sent in origin_app.conns}
+    for index in range(2):
+        client_port, up, down = follow_raw(
+            await tshark("-r", str(path), "-q", "-z", f"follow,tcp,raw,{index}")
+        )
+        assert (up, down) == by_port[client_port]
 
 
 async def test_a_reset_flow_ends_with_rst(
