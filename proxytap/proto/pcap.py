@@ -106,7 +106,19 @@ def record(ts: float, packet: bytes, snaplen: int = DEFAULT_SNAPLEN) -> bytes:
 
 
 def records(packets: Iterable[Packet], snaplen: int = DEFAULT_SNAPLEN) -> bytes:
-    return b"".join(record(ts, pkt, snaplen) for ts, pkt in packets)
+    """The records of ``packets``, in one buffer (each packet copied once)."""
+    parts: list[bytes] = []
+    for ts, pkt in packets:
+        sec = int(ts)
+        usec = round((ts - sec) * 1_000_000)
+        if usec >= 1_000_000:
+            sec, usec = sec + 1, usec - 1_000_000
+        n = len(pkt)
+        if n > snaplen:
+            parts += (_RECORD.pack(max(0, sec), usec, snaplen, n), pkt[:snaplen])
+        else:
+            parts += (_RECORD.pack(max(0, sec), usec, n, n), pkt)
+    return b"".join(parts)
 
 
 def checksum(data: bytes) -> int:
@@ -168,11 +180,12 @@ class TcpConversation:
         "_cport",
         "_dst",
         "_ident",
+        "_ip_sum",
         "_mss",
-        "_pseudo",
         "_seq",
         "_sport",
         "_src",
+        "_sum",
         "_version",
         "closed",
         "opened",
@@ -188,8 +201,11 @@ class TcpConversation:
         isn_c, isn_s = _seed(uid, "c"), _seed(uid, "s")
         self._seq = [0, isn_c, isn_s]  # next sequence number each side sends
         self._ident = [0, _seed(uid, "ic") & 0xFFFF, _seed(uid, "is") & 0xFFFF]
-        # the pseudo-header's address part, per sender, computed once
-        self._pseudo = [b"", self._src + self._dst, self._dst + self._src]
+        # the constant parts of the checksums (the same either way round): the
+        # pseudo-header's addresses and protocol; IPv4's version, flags, TTL, addresses
+        addrs = int.from_bytes(self._src, "big") + int.from_bytes(self._dst, "big")
+        self._sum = (addrs + _PROTO_TCP) % 0xFFFF
+        self._ip_sum = (addrs + 0x4500 + 0x4000 + (TTL << 8 | _PROTO_TCP)) % 0xFFFF
         self.opened = False
         self.closed = False
 
@@ -266,27 +282,34 @@ class TcpConversation:
     def _segment(
         self, sender: int, flags: int, seq: int, ack: int, payload: bytes, *, syn: bool = False
     ) -> bytes:
+        # The hot path (once per MSS of relayed data): checksums are sums modulo
+        # 0xFFFF (see ``checksum``), so the constant parts (addresses, protocol)
+        # are summed once per flow, and each part is packed once.
         if sender == UP:
             src, dst, sport, dport = self._src, self._dst, self._cport, self._sport
         else:
             src, dst, sport, dport = self._dst, self._src, self._sport, self._cport
         options = _SYN_OPTIONS.pack(2, 4, self._mss, 1, 3, 3, WSCALE) if syn else b""
         hlen = 20 + len(options)
-        head = _TCP.pack(
-            sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, (hlen // 4) << 4, flags, WINDOW, 0, 0
-        )
-        segment = head + options + payload
-        version = self._version
-        pseudo = self._pseudo[sender] + (
-            struct.pack("!BBH", 0, _PROTO_TCP, len(segment))
-            if version == 4
-            else struct.pack("!I3xB", len(segment), _PROTO_TCP)
-        )
-        cks = checksum(pseudo + segment)
-        segment = segment[:16] + cks.to_bytes(2, "big") + segment[18:]
+        tcp_len = hlen + len(payload)
+        seq &= 0xFFFFFFFF
+        ack &= 0xFFFFFFFF
+        offset = (hlen // 4) << 4
+        head = _TCP.pack(sport, dport, seq, ack, offset, flags, WINDOW, 0, 0) + options
+        body = int.from_bytes(payload, "big")
+        if len(payload) & 1:
+            body <<= 8  # the pad byte
+        total = self._sum + tcp_len + int.from_bytes(head, "big") + body
+        cks = ~(total % 0xFFFF) & 0xFFFF
+        head = _TCP.pack(sport, dport, seq, ack, offset, flags, WINDOW, cks, 0) + options
         ident = self._ident[sender]
         self._ident[sender] = (ident + 1) & 0xFFFF
-        return _ip(version, src, dst, _PROTO_TCP, segment, ident)
+        if self._version == 4:
+            ip_cks = ~((self._ip_sum + 20 + tcp_len + ident) % 0xFFFF) & 0xFFFF
+            ip = _IPV4.pack(0x45, 0, 20 + tcp_len, ident, 0x4000, TTL, _PROTO_TCP, ip_cks, src, dst)
+        else:
+            ip = _IPV6.pack(6 << 28, tcp_len, _PROTO_TCP, TTL, src, dst)
+        return b"".join((ip, head, payload))
 
 
 def udp_packet(src: Endpoint, dst: Endpoint, payload: bytes, now: float) -> Packet:
