@@ -465,11 +465,17 @@ CORPUS: list[Case] = [
     bad("http12-version", b"GET http://127.0.0.1:{P}/ HTTP/1.2\r\n\r\n"),
     bad("http09-request", b"GET http://127.0.0.1:{P}/\r\n\r\n", 505),
     bad("h2-preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+    # a CONNECT after a request opens a tunnel (as a first one would), never reaches the
+    # origin as a request: the request in the tunnel is the second one it sees
     Case(
         "connect-after-a-request",
-        GET + b"\r\n" + b"CONNECT 127.0.0.1:{P} HTTP/1.1\r\n\r\n",
-        (200, 400),
-        forwarded=1,
+        GET
+        + b"\r\n"
+        + b"CONNECT 127.0.0.1:{P} HTTP/1.1\r\n\r\n"
+        + b"GET /in-the-tunnel HTTP/1.1\r\nHost: 127.0.0.1:{P}\r\n\r\n",
+        (200, 200, 200),
+        None,
+        forwarded=2,
     ),
     # -- CONNECT -----------------------------------------------------------------------
     bad("connect-no-port", b"CONNECT 127.0.0.1 HTTP/1.1\r\n\r\n"),

@@ -100,6 +100,35 @@ class ClientConnection(asyncio.Protocol):
         self.asked_at = 0.0
         self.socks_version = 5  # of the SOCKS request, once read
         self.auth_rejected = False  # SOCKS5: the sub-negotiation failed (``01 01`` sent)
+        self.counted = False  # the connection was counted already (CONNECT after requests)
+
+    @classmethod
+    def after_requests(
+        cls,
+        services: Services,
+        conn: Connection,
+        transport: asyncio.Transport,
+        data: bytes,
+        eof: bool,
+    ) -> ClientConnection:
+        """A CONNECT after plain-HTTP requests (the forwarder's call): handled as a first one.
+
+        ``data`` is its head and what followed; ``eof``: the client half-closed
+        already. The connection was admitted and counted when it was accepted.
+        """
+        listener = next(lst for lst in services.config.listeners if lst.name == conn.listener)
+        self = cls(services, listener)
+        self.transport = transport
+        self.conn = conn
+        self.http = True
+        self.first_byte = data[0]
+        self.counted = True
+        services.live.add(self)
+        transport.set_protocol(self)
+        self.data_received(data)
+        if eof:
+            self.eof_received()
+        return self
 
     # -- asyncio callbacks ----------------------------------------------------------
 
@@ -608,7 +637,7 @@ class ClientConnection(asyncio.Protocol):
         )
 
     def _handed_over(self) -> None:
-        if not self.done and self.conn is not None:
+        if not self.done and self.conn is not None and not self.counted:
             protocol = self.conn.protocol
             if not protocol:
                 if self.socks is not None:

@@ -16,8 +16,10 @@ again with the same codings and trailers) and handed on (``send_up``); with
 body modules they pass the modules first, or wait, as they came, until the
 request hooks have run (``prepare``). Errors go to ``request_error``.
 
-CONNECT after the first request of a connection is refused (400): tunnels
-start on a fresh connection. Upgrades: a WebSocket request stops llhttp after
+A CONNECT head after earlier requests is not an exchange: its head (rebuilt
+from what llhttp parsed) and every byte after it go to the forwarder
+(``connect_request``), which hands the connection to the CONNECT handshake
+once the requests before it are answered. Upgrades: a WebSocket request stops llhttp after
 its head, and what follows waits unparsed for the 101 (``hold``); an h2c
 upgrade with a body has the body parsed by a fresh parser fed a made-up head
 (``synthetic``) and is forwarded without ``Upgrade``.
@@ -75,6 +77,7 @@ class RequestReader:
         self.synthetic = False  # feeding a made-up head to parse an h2c request's body
         self.head_timer: asyncio.TimerHandle | None = None
         self.auth_ok = b""  # the Proxy-Authorization value already verified on this connection
+        self.connect_head: bytes | None = None  # a CONNECT head read; llhttp stops after it
         self.closed = False
 
     def close(self) -> None:
@@ -142,6 +145,11 @@ class RequestReader:
             return
         req = self.parsing
         self.parser = httptools.HttpRequestParser(self)
+        head = self.connect_head
+        if head is not None:  # a CONNECT: the handshake takes the head and what follows
+            self.connect_head = None
+            owner.connect_request(head + rest)
+            return
         if req is None or req.websocket or req.done:
             # a WebSocket handshake: the rest waits for the 101 (or for the next request)
             if req is not None:
@@ -196,6 +204,12 @@ class RequestReader:
         if self.head_timer is not None:
             self.head_timer.cancel()
             self.head_timer = None
+        if self.parser.get_method() == b"CONNECT":
+            # not forwarded: the CONNECT handshake parses this head again, as if it were the
+            # connection's first (its rules, authentication and replies); llhttp treats
+            # CONNECT as an upgrade and stops right after it (``_upgraded``)
+            self.connect_head = self._connect_head()
+            return
         req = self._build_request()
         owner = self.owner
         if self.services.auth is not None:
@@ -270,11 +284,19 @@ class RequestReader:
 
     # -- exchanges ------------------------------------------------------------------
 
+    def _connect_head(self) -> bytes:
+        """The CONNECT head as llhttp parsed it (one field per line, OWS trimmed)."""
+        parts = [b"CONNECT ", b"".join(self.url_parts), b" HTTP/"]
+        parts.append(self.parser.get_http_version().encode("ascii", "replace"))
+        parts.append(b"\r\n")
+        for name, value in self.headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
     def _build_request(self) -> Exchange:
         parser = self.parser
         method = parser.get_method()
-        if method == b"CONNECT":
-            raise refusal("CONNECT must be the first request on a connection to the proxy")
         number = parser.get_http_version()
         version = _VERSIONS.get(number) or b"HTTP/" + number.encode("ascii", "replace")
         parts = self.url_parts

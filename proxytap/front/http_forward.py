@@ -28,6 +28,10 @@ Decisions (heads and bodies: ``http_client``; responses: ``http_response``)
       complete, and that upstream connection closes too.
     * Pipelining: requests are answered in order, one at a time; once a
       request beyond the active one has been read, the client is not read.
+    * CONNECT after earlier requests: once they are answered, the connection
+      goes to the CONNECT handshake (``ClientConnection.after_requests``) as
+      if the CONNECT had been its first request; the upstream connections
+      close normally. Nothing is read past the CONNECT head until then.
     * WebSocket: on 101 the connection becomes a raw relay both ways (the same
       flow, still tapped); client bytes sent before the 101 are held.
     * Errors: connect failures answer ``Failure.http_status``; an origin that
@@ -118,6 +122,7 @@ class HttpForwarder(asyncio.Protocol):
         self.tunnel: UpstreamConnection | None = None  # WebSocket after 101
         self.tunnel_ctx: Context | None = None  # its modules' context
         self.held = b""  # client bytes read but not parsed (after an upgrade request)
+        self.connect_data: bytes | None = None  # a CONNECT head and what followed it
         self.broken: ProtocolError | None = None  # answer once the queue is done, then close
         self.reading = True
         self.client_blocked = False  # our write buffer to the client is full
@@ -163,7 +168,9 @@ class HttpForwarder(asyncio.Protocol):
                 self._tunnel_up(data)
             return  # lingering: drained and dropped
         self.out.activity += 1
-        if self.broken is None:
+        if self.connect_data is not None:  # not HTTP any more: the tunnel's first bytes
+            self.connect_data += data
+        elif self.broken is None:
             self._process(data)
 
     def eof_received(self) -> bool:
@@ -229,6 +236,9 @@ class HttpForwarder(asyncio.Protocol):
             for up in dirty:
                 up.flush()
         if self.phase is not _CLOSED:
+            if self.connect_data is not None and not self.queue and self.broken is None:
+                self._to_tunnel()
+                return
             self.update_reading()
 
     def request_head(self, req: Exchange) -> None:
@@ -245,6 +255,10 @@ class HttpForwarder(asyncio.Protocol):
             up.send(data)
         else:
             req.pending.append(data)
+
+    def connect_request(self, data: bytes) -> None:
+        """A CONNECT head and what followed it (the reader's call): a tunnel, once idle."""
+        self.connect_data = data
 
     def hold(self, rest: bytes) -> None:
         """Bytes after a WebSocket request head: kept unparsed until it is answered."""
@@ -335,7 +349,13 @@ class HttpForwarder(asyncio.Protocol):
             queue = self.queue
             if not queue:
                 want = True
-            elif len(queue) > 1 or self.reader.in_head or self.held or queue[0].websocket:
+            elif (
+                len(queue) > 1
+                or self.reader.in_head
+                or self.held
+                or queue[0].websocket
+                or self.connect_data is not None
+            ):
                 # a pipelined request waits, read but not started, or what follows a
                 # WebSocket handshake is not HTTP: read no more until it is answered
                 want = False
@@ -404,7 +424,13 @@ class HttpForwarder(asyncio.Protocol):
             up.close(CloseReason.NORMAL)
         if not req.keep:
             self._linger()
-        elif queue or self.held or self.broken is not None or self.client_eof:
+        elif (
+            queue
+            or self.held
+            or self.broken is not None
+            or self.client_eof
+            or self.connect_data is not None
+        ):
             self._next()
         elif self.draining or self.services.draining:
             self._close(CloseReason.NORMAL)
@@ -419,6 +445,8 @@ class HttpForwarder(asyncio.Protocol):
                 self.update_reading()
         elif self.broken is not None:
             self._reply_error(self.broken)
+        elif self.connect_data is not None:
+            self._to_tunnel()
         elif self.client_eof:
             self._close(CloseReason.NORMAL)
         elif self.held:
@@ -442,6 +470,37 @@ class HttpForwarder(asyncio.Protocol):
             return
         self.out.flush()
         self._close(reason, reset_client=reason is CloseReason.RESET)
+
+    # -- CONNECT after earlier requests ------------------------------------------------
+
+    def _to_tunnel(self) -> None:
+        """Every request before the CONNECT is answered: the handshake takes the connection.
+
+        The upstream connections close normally; the flow-table connection stays
+        open (the handshake, then the tunnel, close it).
+        """
+        from proxytap.front.handshake import ClientConnection
+
+        data = self.connect_data
+        assert data is not None
+        self.connect_data = None
+        self.out.flush()
+        self.phase = _CLOSED  # late upstream callbacks find this forwarder gone
+        self.out.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        for up in list(self.upstreams):
+            up.close(CloseReason.NORMAL)
+        self.idle.clear()
+        self.services.live.discard(self)
+        self.reader.close()
+        if not self.reading:
+            self.reading = True
+            self.transport.resume_reading()
+        ClientConnection.after_requests(
+            self.services, self.conn, self.transport, data, self.client_eof
+        )
 
     # -- WebSocket: after a 101, bytes go through unparsed ----------------------------
 

@@ -653,20 +653,81 @@ async def test_refusals(proxy: RunningProxy, request_bytes: bytes, status: bytes
     assert b"\r\nProxy-Status: proxytap; error=http_request_error\r\n" in got
 
 
-async def test_malformed_second_request_and_connect_midway(
-    proxy: RunningProxy, raw_server: ProxyFactory
-) -> None:
+async def test_malformed_second_request(proxy: RunningProxy, raw_server: ProxyFactory) -> None:
     _, server = await start_script(raw_server, ok(), ok())
-    for bad in (
-        b"CONNECT 127.0.0.1:443 HTTP/1.1\r\n\r\n",
-        b"GET http://x/ HTTP/1.1\r\nBad Header\r\n\r\n",
-    ):
-        reader, writer = await client(proxy)
-        writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port + bad)
-        assert (await read_message(reader)).status == 200  # the good one is still answered
-        rest = await asyncio.wait_for(reader.read(), 5)
-        assert rest.startswith(b"HTTP/1.1 400 Bad Request\r\n")
-        writer.close()
+    reader, writer = await client(proxy)
+    bad = b"GET http://x/ HTTP/1.1\r\nBad Header\r\n\r\n"
+    writer.write(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port + bad)
+    assert (await read_message(reader)).status == 200  # the good one is still answered
+    rest = await asyncio.wait_for(reader.read(), 5)
+    assert rest.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    writer.close()
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+async def test_connect_after_plain_requests_opens_a_tunnel(
+    proxy: RunningProxy, raw_server: ProxyFactory, pipelined: bool
+) -> None:
+    """A CONNECT on a kept-alive connection is a tunnel, as if it had come first."""
+    script, server = await start_script(raw_server, ok(b"one"), ok(b"two"))
+    target: RawServer = await raw_server(echo)
+    get = b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % server.port
+    connect = b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % (
+        target.port,
+        target.port,
+    )
+    reader, writer = await client(proxy)
+    if pipelined:  # the CONNECT and its first tunnel bytes wait for the answers before it
+        writer.write(get + get + connect + b"early ")
+        assert (await read_message(reader)).body == b"one"
+        assert (await read_message(reader)).body == b"two"
+    else:
+        for body in (b"one", b"two"):
+            writer.write(get)
+            assert (await read_message(reader)).body == body
+        writer.write(connect)
+    assert await reader.readexactly(39) == b"HTTP/1.1 200 Connection established\r\n\r\n"
+    writer.write(b"through the tunnel")
+    want = (b"early " if pipelined else b"") + b"through the tunnel"
+    assert await reader.readexactly(len(want)) == want
+    writer.close()
+    await proxy.recorder.wait_destroyed(2)
+    http_flow, tunnel_flow = proxy.recorder.flows()
+    assert (http_flow.requested_port, tunnel_flow.requested_port) == (server.port, target.port)
+    assert proxy.recorder.reason(http_flow) is CloseReason.NORMAL  # closed on the hand-over
+    assert proxy.recorder.data(tunnel_flow, UP) == want
+    assert proxy.recorder.data(tunnel_flow, DOWN) == want
+    assert script.connections == 1  # both requests on one upstream connection
+    stats = proxy.app.services.stats
+    assert stats.tunnel_results[("http", "http-connect", "200")] == 1
+    # one client connection, counted once, by its first protocol
+    assert dict(stats.downstream) == {("http", "http-forward"): 1}
+
+
+async def test_connect_after_plain_requests_is_judged_like_a_first_one(
+    auth_proxy: RunningProxy, raw_server: ProxyFactory
+) -> None:
+    """Authentication: the same 407 as on a fresh connection, then the connection closes."""
+    _, server = await start_script(raw_server, ok())
+    connect = b"CONNECT 127.0.0.1:%d HTTP/1.1\r\n\r\n" % server.port
+    first = await exchange(auth_proxy.http, connect)
+    assert first.startswith(b"HTTP/1.1 407 Proxy Authentication Required\r\n"), first
+    creds = basic_credentials("alice", "s3cret").encode()
+    reader, writer = await client(auth_proxy)
+    writer.write(
+        b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nProxy-Authorization: %b\r\n\r\n%b"
+        % (server.port, creds, connect)
+    )
+    assert (await read_message(reader)).status == 200
+    later = await asyncio.wait_for(reader.read(), 5)
+    assert later == first
+    writer.close()
 
 
 async def test_connection_refused(proxy: RunningProxy, caplog: pytest.LogCaptureFixture) -> None:
