@@ -35,7 +35,14 @@ import httptools
 
 from proxytap.errors import ProtocolError
 from proxytap.front.authn import auth_failed, check_proxy_authorization
-from proxytap.front.http_exchange import CACHE_HEAD, Exchange, refusal, wire, wire_cached
+from proxytap.front.http_exchange import (
+    CACHE_HEAD,
+    TRACE_HIDDEN,
+    Exchange,
+    refusal,
+    wire,
+    wire_cached,
+)
 from proxytap.modules.api import Context
 from proxytap.proto.http1 import chunk, last_chunk, request_body, request_framing_field
 
@@ -252,6 +259,8 @@ class RequestReader:
                 self.owner.send_up(req, last_chunk(trailers))
         req.done = True
         self.parsing = None
+        if req.local:
+            self.owner.local_done(req)
 
     # -- credentials ----------------------------------------------------------------
 
@@ -323,11 +332,26 @@ class RequestReader:
             req.chunked = True
         if to.websocket and parser.should_upgrade():
             req.websocket = True
+        if to.max_forwards == 0:
+            # the proxy is the final recipient: no destination, no module sees it
+            req.local = True
+            if method == b"TRACE":
+                req.trace = self._received_head(method, version)
+            return req
         if chain.active:
             self._with_modules(req)
         if req.prepared:
             req.head = wire_cached(to)
         return req
+
+    def _received_head(self, method: bytes, version: bytes) -> bytes:
+        """The head as received (fields as llhttp parsed them), without credentials."""
+        parts = [method, b" ", b"".join(self.url_parts), b" ", version, b"\r\n"]
+        for name, value in self.headers:
+            if name.lower() not in TRACE_HIDDEN:
+                parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
 
     def _with_modules(self, req: Exchange) -> None:
         """A module context for ``req``; its hooks wait until it is active (``prepare``)."""

@@ -30,7 +30,7 @@ from proxytap.errors import ProtocolError
 from proxytap.logstream import access
 from proxytap.modules.api import Context
 from proxytap.policy.message import RequestHead, serialize
-from proxytap.proto.http1 import request_head
+from proxytap.proto.http1 import request_head, response_head
 
 if TYPE_CHECKING:
     import asyncio
@@ -138,6 +138,8 @@ class Exchange:
     keep_alive = False  # the client wants the connection kept
     keep = False  # our answer
     websocket = False
+    local = False  # answered by the proxy itself (OPTIONS / TRACE with Max-Forwards: 0)
+    trace = b""  # TRACE: the head to echo (as received, without credentials)
     auth_pending = False  # its credentials are being checked: not sent yet
     upstream: UpstreamConnection | None = None
     responded = False  # the final response head went to the client
@@ -201,6 +203,23 @@ class ClientOut:
             self.chunks = []
             if not self.closed:
                 self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+
+# fields a TRACE answer never echoes: credentials (RFC 9110 section 9.3.8: "likely to
+# contain sensitive data"); Proxy-Authorization above all, it is the proxy's own password
+TRACE_HIDDEN: Final = frozenset((b"proxy-authorization", b"authorization", b"cookie"))
+
+
+def local_answer(req: Exchange, allow: bytes, keep: bool) -> bytes:
+    """The proxy's own 200 to an OPTIONS or TRACE with ``Max-Forwards: 0``."""
+    if req.method == b"TRACE":
+        fields = b"Content-Type: message/http\r\n"
+        body = req.trace
+    else:
+        fields = b"Allow: " + allow + b"\r\n"
+        body = b""
+    framing = b"Content-Length: %d\r\n" % len(body)
+    return response_head(b"HTTP/1.1 200 OK", fields, framing, keep) + body
 
 
 def log_access(client: Endpoint, req: Exchange, now: float) -> None:

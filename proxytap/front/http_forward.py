@@ -71,6 +71,7 @@ from proxytap.front.http_exchange import (
     ClientPhase,
     Exchange,
     UpPhase,
+    local_answer,
     log_access,
     refusal,
     response_keys,
@@ -111,6 +112,8 @@ class HttpForwarder(asyncio.Protocol):
         self.keepalive = cfg.timeouts.http_keepalive
         self.idle_timeout = cfg.timeouts.idle
         self.chain = chain = services.chains[conn.listener]
+        # what an OPTIONS with Max-Forwards: 0 is told we forward (CONNECT is no forwarding)
+        self.allow = ", ".join(m for m in cfg.http.methods if m != "CONNECT").encode("ascii")
         self.modules = chain.active  # any module beyond the fused built-ins
         self.loop = asyncio.get_running_loop()
         self.out = ClientOut(transport)
@@ -243,6 +246,8 @@ class HttpForwarder(asyncio.Protocol):
 
     def request_head(self, req: Exchange) -> None:
         """A request head was read (the reader's call): queue it, start it if first."""
+        if self.phase is not _HTTP:
+            return  # answered locally and closing, in this very read: not served
         queue = self.queue
         queue.append(req)
         if len(queue) == 1:
@@ -250,6 +255,8 @@ class HttpForwarder(asyncio.Protocol):
 
     def send_up(self, req: Exchange, data: bytes) -> None:
         """Framed request body bytes (the reader's call): upstream, or kept until connected."""
+        if req.local:
+            return  # answered by the proxy: its body (if any) is read and dropped
         up = req.upstream
         if up is not None and up.req is req and up.phase >= _UP_READY:
             up.send(data)
@@ -297,6 +304,10 @@ class HttpForwarder(asyncio.Protocol):
         """
         if req.auth_pending:
             return  # _authenticate dispatches it
+        if req.local:
+            if req.done:  # else once it is (``local_done``)
+                self._answer_locally(req)
+            return
         if not req.prepared:
             self.reader.prepare(req)
         to = req.to
@@ -399,6 +410,27 @@ class HttpForwarder(asyncio.Protocol):
         self._dispatch(req, fresh=True)
         return True
 
+    def local_done(self, req: Exchange) -> None:
+        """A request the proxy answers itself was read whole (the reader's call)."""
+        if self.phase is _HTTP and self.queue and self.queue[0] is req and not req.auth_pending:
+            self._answer_locally(req)
+
+    def _answer_locally(self, req: Exchange) -> None:
+        """OPTIONS / TRACE with ``Max-Forwards: 0``: our 200, then the next request."""
+        keep = req.keep = self.keeps(req)
+        req.status = 200
+        req.responded = True
+        self.services.stats.http_responses[response_keys(self.conn.listener, "proxy")[2]] += 1
+        self.out.write(local_answer(req, self.allow, keep))
+        now = self.loop.time()
+        self.idle_since = now
+        self.out.activity += 1
+        self.queue.popleft()
+        self._timed(req)
+        if access.enabled():
+            log_access(self.conn.client, req, now)
+        self._answered(keep)
+
     def response_done(self, up: UpstreamConnection, req: Exchange, reusable: bool) -> None:
         """The response to ``req`` was relayed completely."""
         now = self.loop.time()
@@ -422,10 +454,14 @@ class HttpForwarder(asyncio.Protocol):
                 idle.pop(next(iter(idle))).close(CloseReason.NORMAL)
         else:
             up.close(CloseReason.NORMAL)
-        if not req.keep:
+        self._answered(req.keep)
+
+    def _answered(self, keep: bool) -> None:
+        """The active request was answered: close, or go on with what comes next."""
+        if not keep:
             self._linger()
         elif (
-            queue
+            self.queue
             or self.held
             or self.broken is not None
             or self.client_eof

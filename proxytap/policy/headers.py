@@ -56,6 +56,12 @@ Decisions (requests: the status the client gets)
       one). Host names compare case-insensitively, without a trailing dot, an
       absent port being 80. No ``Host`` at all is accepted: it is rebuilt
       from the URI.
+    * ``Max-Forwards`` (RFC 9110 section 7.6.2), OPTIONS and TRACE only (other
+      methods pass it on untouched, as the RFC says): one field, ``1*DIGIT``,
+      else 400 (a value we cannot decrement is not guessed at); ``N > 0`` is
+      forwarded as ``N - 1``; ``0`` sets ``max_forwards`` to 0 and the
+      forwarder answers itself. The method check comes first: a refused TRACE
+      is refused (501) whatever its ``Max-Forwards``.
     * CONNECT (authority-form): ``Transfer-Encoding`` or a non-zero
       ``Content-Length``: 400 (a CONNECT request has no content; what follows
       its head is tunnel data). ``Host`` is not compared with the authority.
@@ -163,6 +169,8 @@ _TE: Final = b"transfer-encoding"
 _HOST: Final = b"host"
 _PROXY_AUTH: Final = b"proxy-authorization"
 _EXPECT: Final = b"expect"
+_MAX_FORWARDS: Final = b"max-forwards"
+_MAX_FORWARDS_METHODS: Final = frozenset((b"OPTIONS", b"TRACE"))  # RFC 9110 section 7.6.2
 _XFF: Final = b"x-forwarded-for"
 _FORWARDED: Final = b"forwarded"
 _SPECIAL: Final = frozenset((_CL, _TE, _HOST, _PROXY_AUTH, _EXPECT)) | {
@@ -496,6 +504,8 @@ class HeaderRules:
             fields = strip_hop_by_hop(fields, keep_upgrade=head.websocket)
         if cls_values and cls_values[0] != b"%d" % length:
             fields = [(n, b"%d" % length if n.lower() == _CL else v) for n, v in fields]
+        if head.method in _MAX_FORWARDS_METHODS:
+            fields = _max_forwards(head, fields)
         head.headers = fields
         return hosts[0] if hosts else None
 
@@ -631,6 +641,28 @@ class HeaderRules:
         the same heads again and again. The result is shared: copy before changing.
         """
         return self.response_memo.prepare(self, raw, status, rewrite)
+
+
+def _max_forwards(head: RequestHead, fields: Fields) -> Fields:
+    """OPTIONS / TRACE: ``head.max_forwards`` set, the field decremented (a new list)."""
+    at = [i for i, (n, _) in enumerate(fields) if n.lower() == _MAX_FORWARDS]
+    if not at:
+        return fields
+    if len(at) > 1:
+        raise request_error("more than one Max-Forwards header field")
+    name, value = fields[at[0]]
+    if not value.isdigit():  # bytes: ASCII digits only, not empty
+        raise request_error(
+            f"invalid Max-Forwards value {value[:40].decode('latin-1')!r}: "
+            "it must be a non-negative integer"
+        )
+    hops = int(value)
+    head.max_forwards = hops
+    if hops == 0:  # answered by the proxy: nothing is forwarded
+        return fields
+    fields = list(fields)
+    fields[at[0]] = (name, b"%d" % (hops - 1))
+    return fields
 
 
 def _forwarded_node(node: str) -> bytes:

@@ -118,8 +118,9 @@ class RequestHead:
     ``path`` (origin-form; modules may change it), ``length`` (-1: none),
     ``chunked`` and ``codings`` (the Transfer-Encoding list, ``b""`` for
     none), ``websocket``, ``close`` (``Connection: close``) and
-    ``credentials`` (the ``Proxy-Authorization`` value). ``headers`` then holds
-    end-to-end fields only.
+    ``credentials`` (the ``Proxy-Authorization`` value), ``max_forwards``
+    (OPTIONS / TRACE: the ``Max-Forwards`` value received, -1 for none).
+    ``headers`` then holds end-to-end fields only.
     """
 
     __slots__ = (
@@ -133,6 +134,7 @@ class RequestHead:
         "headers",
         "host",
         "length",
+        "max_forwards",
         "method",
         "path",
         "port",
@@ -168,6 +170,7 @@ class RequestHead:
         self.websocket = False
         self.close = False
         self.credentials: bytes | None = None
+        self.max_forwards = -1
 
     @property
     def http10(self) -> bool:
@@ -197,6 +200,7 @@ class RequestHead:
         other.websocket = self.websocket
         other.close = self.close
         other.credentials = self.credentials
+        other.max_forwards = self.max_forwards
         return other
 
     def serialized(self) -> bytes:

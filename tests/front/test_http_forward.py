@@ -1416,3 +1416,91 @@ async def test_access_line_bytes_equal_the_flow_logs(origin: Origin, tmp_path: P
                 proc.kill()
                 await proc.wait()
     assert proc.returncode == 0
+
+
+# -- Max-Forwards (RFC 9110 section 7.6.2) -----------------------------------------------
+
+
+async def test_options_and_trace_with_max_forwards_zero_are_answered_by_the_proxy(
+    auth_proxy: RunningProxy,
+) -> None:
+    """Nothing is forwarded (the target port is closed); the connection stays open."""
+    port = closed_port()
+    creds = basic_credentials("alice", "s3cret").encode()
+    reader, writer = await client(auth_proxy)
+    writer.write(
+        b"OPTIONS http://127.0.0.1:%d/ HTTP/1.1\r\nProxy-Authorization: %b\r\n"
+        b"Max-Forwards: 0\r\n\r\n" % (port, creds)
+    )
+    got = await read_message(reader)
+    assert got.raw == (
+        b"HTTP/1.1 200 OK\r\nAllow: GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH\r\n"
+        b"Content-Length: 0\r\nConnection: keep-alive\r\n\r\n"
+    )
+    trace_head = (
+        b"TRACE http://127.0.0.1:%d/a?b HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+        b"Max-Forwards: 0\r\nX-Probe: 1\r\n" % (port, port)
+    )
+    # credentials are never echoed: the proxy's own, nor those meant for the origin
+    writer.write(
+        trace_head + b"Proxy-Authorization: %b\r\nAuthorization: Basic Ym9iOnB3\r\n"
+        b"Cookie: sid=42\r\n\r\n" % creds
+    )
+    got = await read_message(reader)
+    echoed = trace_head + b"\r\n"
+    assert got.raw == (
+        b"HTTP/1.1 200 OK\r\nContent-Type: message/http\r\nContent-Length: %d\r\n"
+        b"Connection: keep-alive\r\n\r\n%b" % (len(echoed), echoed)
+    )
+    writer.close()
+    stats = auth_proxy.app.services.stats
+    assert stats.http_responses[("http", "2xx", "proxy")] == 2
+    assert auth_proxy.app.services.stats.connect_errors == {}
+
+
+async def test_max_forwards_is_decremented_for_options_and_trace_only(
+    proxy: RunningProxy, raw_server: ProxyFactory
+) -> None:
+    script, server = await start_script(raw_server, ok(), ok(), ok())
+    reader, writer = await client(proxy)
+    # GET with Max-Forwards: 0 is forwarded, untouched: the field is not for GET
+    for method, hops in ((b"OPTIONS", 3), (b"TRACE", 1), (b"GET", 0)):
+        writer.write(
+            b"%b http://127.0.0.1:%d/ HTTP/1.1\r\nMax-Forwards: %d\r\n\r\n"
+            % (method, server.port, hops)
+        )
+        assert (await read_message(reader)).status == 200
+    writer.close()
+    assert [r.get("Max-Forwards") for r in script.requests] == ["2", "0", "0"]
+
+
+@pytest.mark.parametrize("value", [b"-1", b"x", b"1.5", b"", b"+2"])
+async def test_malformed_max_forwards_is_refused(proxy: RunningProxy, value: bytes) -> None:
+    got = await exchange(
+        proxy.http, b"TRACE http://127.0.0.1:1/ HTTP/1.1\r\nMax-Forwards: %b\r\n\r\n" % value
+    )
+    assert got == error_reply(
+        b"400 Bad Request",
+        b"http_request_error",
+        b"invalid Max-Forwards value '%b': it must be a non-negative integer" % value,
+    )
+
+
+async def test_refused_trace_stays_refused_with_max_forwards_zero(
+    start_proxy: ProxyFactory,
+) -> None:
+    proxy: RunningProxy = await start_proxy(http_config(methods=("GET", "OPTIONS")))
+    got = await exchange(
+        proxy.http, b"TRACE http://127.0.0.1:1/ HTTP/1.1\r\nMax-Forwards: 0\r\n\r\n"
+    )
+    assert got == error_reply(
+        b"501 Not Implemented", b"http_request_denied", b"method TRACE is not allowed"
+    )
+    # and OPTIONS lists only what this proxy forwards
+    got = await exchange(
+        proxy.http,
+        b"OPTIONS http://127.0.0.1:1/ HTTP/1.1\r\nMax-Forwards: 0\r\nConnection: close\r\n\r\n",
+    )
+    assert got == (
+        b"HTTP/1.1 200 OK\r\nAllow: GET, OPTIONS\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
