@@ -139,6 +139,11 @@ METRICS: dict[str, tuple[str, str]] = {
         "counter",
         "Failed proxy authentications (wrong user name or password)",
     ),
+    "proxytap_downstream_auth_throttled_total": (
+        "counter",
+        "Proxy authentication attempts refused unchecked: the client address had "
+        "auth.max_failures failures within auth.failure_window",
+    ),
     "proxytap_downstream_protocol_errors_total": (
         "counter",
         "Handshakes that broke their protocol, by protocol family",
@@ -331,6 +336,9 @@ class ProxytapCollector(Collector):
         names = [lst.name for lst in cfg.listeners]
         family = _counter("proxytap_downstream_auth_failures_total", ("listener",))
         _fill(family, {**dict.fromkeys(names, 0), **stats.auth_failures})
+        yield family
+        family = _counter("proxytap_downstream_auth_throttled_total", ("listener",))
+        _fill(family, {**dict.fromkeys(names, 0), **stats.auth_throttled})
         yield family
         family = _counter("proxytap_downstream_protocol_errors_total", ("listener", "protocol"))
         known_errors = {

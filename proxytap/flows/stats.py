@@ -90,6 +90,8 @@ class Stats:
         # (listener, method class) -> request head read to response end (plain HTTP)
         self.http_seconds: dict[tuple[str, str], Buckets] = {}
         self.auth_failures: Counter[str] = Counter()  # listener -> failed authentications
+        # listener -> attempts refused unchecked (too many failures from the address)
+        self.auth_throttled: Counter[str] = Counter()
         self.sni_mismatches = 0
         # module name -> hook calls that raised (or broke a head) and failed closed
         self.module_errors: Counter[str] = Counter()

@@ -9,17 +9,29 @@ HTTP proxy authentication (CONNECT and plain HTTP alike) checks one
 ``Proxy-Authorization`` value with ``check_proxy_authorization``, and every
 failed check, SOCKS5 ones included, is counted and logged by
 ``auth_failed``: one place, so the counters mean the same on every path.
+That place also feeds the per-address ``FailureThrottle``; every path asks
+``auth_throttled`` before checking a password: a client address past
+``auth.max_failures`` failures is refused unchecked for the rest of
+``auth.failure_window`` (HTTP 429 with ``Retry-After``, SOCKS5 a failed
+sub-negotiation), counted per listener, logged once per window and address.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import TYPE_CHECKING
 
 from proxytap.errors import ProtocolError
-from proxytap.policy.auth import AuthCache, AuthConfig, Htpasswd, parse_proxy_authorization
+from proxytap.policy.auth import (
+    AuthCache,
+    AuthConfig,
+    FailureThrottle,
+    Htpasswd,
+    parse_proxy_authorization,
+)
 
 if TYPE_CHECKING:
     from proxytap.flows.table import Connection
@@ -29,9 +41,16 @@ log = logging.getLogger("proxytap.front")
 
 
 class Authenticator:
-    def __init__(self, db: Htpasswd, cache: AuthCache, concurrency: int = 2) -> None:
+    def __init__(
+        self,
+        db: Htpasswd,
+        cache: AuthCache,
+        concurrency: int = 2,
+        throttle: FailureThrottle | None = None,
+    ) -> None:
         self.db = db
         self.cache = cache
+        self.throttle = AuthConfig().throttle() if throttle is None else throttle
         self.slots = asyncio.Semaphore(concurrency)
         self.failures = 0
         self.successes = 0
@@ -41,7 +60,7 @@ class Authenticator:
         db = cfg.load_htpasswd()
         if db is None:
             return None
-        return cls(db, cfg.cache())
+        return cls(db, cfg.cache(), throttle=cfg.throttle())
 
     async def check(self, user: str, password: str) -> bool:
         now = time.monotonic()
@@ -85,3 +104,43 @@ def auth_failed(services: Services, conn: Connection, user: str | None) -> None:
     services.refused("auth", "bad credentials")
     services.stats.auth_failures[conn.listener] += 1
     log.info("client %s:%d authentication failed (user %r)", *conn.client, user)
+    if services.auth is not None:
+        services.auth.throttle.failed(conn.client[0], time.monotonic())
+
+
+class Throttled(ProtocolError):
+    """Refused unchecked: too many failed authentications from the client's address.
+
+    429 (RFC 6585), not 407: a 407 invites the client to ask for the password
+    again at once, and says nothing of when trying again makes sense; 429 with
+    ``Retry-After`` does. ``http_request_denied``: the proxy refused the request.
+    """
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(
+            f"too many failed authentications from this address: retry in {retry_after} s",
+            status=429,
+            proxy_status="http_request_denied",
+        )
+        self.retry_after = retry_after
+
+
+def auth_throttled(services: Services, conn: Connection) -> Throttled | None:
+    """Whether the client's address is refused without a check (counted, logged once)."""
+    auth = services.auth
+    assert auth is not None
+    hit = auth.throttle.blocked(conn.client[0], time.monotonic())
+    if hit is None:
+        return None
+    left, first = hit
+    services.stats.auth_throttled[conn.listener] += 1
+    if first:  # once per window and address: a brute force does not flood the log
+        log.warning(
+            "client %s: %d failed authentications within %g s; "
+            "its attempts are refused unchecked for %.0f s",
+            conn.client[0],
+            auth.throttle.limit,
+            auth.throttle.window,
+            left,
+        )
+    return Throttled(max(1, math.ceil(left)))

@@ -20,7 +20,7 @@ from proxytap.config import ListenerConfig
 from proxytap.errors import Failure, ProtocolError, UpstreamError, classify_os_error
 from proxytap.flows.stats import observe
 from proxytap.flows.table import CloseReason, Connection, endpoint
-from proxytap.front.authn import auth_failed, check_proxy_authorization
+from proxytap.front.authn import auth_failed, auth_throttled, check_proxy_authorization
 from proxytap.front.relay import Early, PendingUpstream, Relay, linger_close
 from proxytap.front.replies import http_error
 from proxytap.front.services import CLIENT_ACL, HANDSHAKE_TEXT, SOCKS4_USERID, Services
@@ -227,6 +227,14 @@ class ClientConnection(asyncio.Protocol):
                     self.auth_rejected = True
                     socks.auth_result(False)
                     continue
+                assert self.conn is not None
+                if auth_throttled(self.services, self.conn) is not None:
+                    # 01 01 with no password checked; logged once a window, not here
+                    socks.auth_result(False)
+                    self.transport.write(socks.data_to_send())
+                    self._answered(AUTH_FAILED)
+                    self._close("too many failed authentications", linger=True, quiet=True)
+                    return
                 self._socks_auth(event)
                 return
             if isinstance(event, ConnectRequest):
@@ -333,6 +341,12 @@ class ClientConnection(asyncio.Protocol):
         assert auth is not None and self.conn is not None
         if not credentials:
             self._deny("auth", "proxy authentication required", status=407)
+            return None
+        throttled = auth_throttled(self.services, self.conn)
+        if throttled is not None:
+            # logged once a window (auth_throttled), not per attempt
+            self._http_error(429, throttled.reason, throttled.proxy_status, throttled.retry_after)
+            self._close("too many failed authentications", linger=True, quiet=True)
             return None
         user, err = await check_proxy_authorization(auth, credentials[0])
         if err is None:
@@ -626,14 +640,23 @@ class ClientConnection(asyncio.Protocol):
             self._http_error(408, "the request head did not arrive in time", "http_request_error")
         self._close("handshake timeout", linger=True)
 
-    def _http_error(self, status: int, reason: str, proxy_status: str) -> None:
+    def _http_error(
+        self, status: int, reason: str, proxy_status: str, retry_after: int | None = None
+    ) -> None:
         """A final HTTP error answer: text/plain reason, Proxy-Status, Connection: close."""
         assert self.transport is not None
         if self.connect:  # plain-HTTP requests are counted by their status class
             self._answered(str(status))
         config = self.services.config
         self.transport.write(
-            http_error(config, status, reason, proxy_status, version=self.http_version)
+            http_error(
+                config,
+                status,
+                reason,
+                proxy_status,
+                version=self.http_version,
+                retry_after=retry_after,
+            )
         )
 
     def _handed_over(self) -> None:

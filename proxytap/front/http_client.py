@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from proxytap.errors import ProtocolError
-from proxytap.front.authn import auth_failed, check_proxy_authorization
+from proxytap.front.authn import auth_failed, auth_throttled, check_proxy_authorization
 from proxytap.front.http_exchange import (
     CACHE_HEAD,
     TRACE_HIDDEN,
@@ -273,6 +273,9 @@ class RequestReader:
                 "proxy authentication required", status=407, proxy_status="http_request_denied"
             )
         if creds != self.auth_ok:
+            throttled = auth_throttled(self.services, self.conn)
+            if throttled is not None:
+                raise throttled  # answered 429, the connection closes
             req.auth_pending = True
             self.services.tasks.spawn(self._authenticate(req, creds))
 

@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING
 from proxytap.errors import ProtocolError
 from proxytap.flows.stats import observe
 from proxytap.flows.table import CloseReason, Connection
+from proxytap.front.authn import Throttled
 from proxytap.front.http_client import RequestReader
 from proxytap.front.http_exchange import (
     LINGER,
@@ -598,7 +599,14 @@ class HttpForwarder(asyncio.Protocol):
 
     # -- errors and endings ---------------------------------------------------------
 
-    def reply(self, req: Exchange | None, status: int, reason: str, proxy_status: str) -> None:
+    def reply(
+        self,
+        req: Exchange | None,
+        status: int,
+        reason: str,
+        proxy_status: str,
+        retry_after: int | None = None,
+    ) -> None:
         """Answer with the proxy's own error response, then close."""
         if self.phase is _CLOSED or self.phase is _LINGER:
             return
@@ -609,11 +617,21 @@ class HttpForwarder(asyncio.Protocol):
         include_body = req is None or not req.is_head
         config = self.services.config
         self.transport.write(
-            http_error(config, status, reason, proxy_status, include_body=include_body)
+            http_error(
+                config,
+                status,
+                reason,
+                proxy_status,
+                include_body=include_body,
+                retry_after=retry_after,
+            )
         )
         self._linger()
 
     def _reply_error(self, err: ProtocolError) -> None:
+        if isinstance(err, Throttled):  # logged once a window (auth_throttled)
+            self.reply(None, err.status, err.reason, err.proxy_status, err.retry_after)
+            return
         log.info("http %s:%d refused: %s", *self.conn.client, err.reason)
         if err.status != 407:
             self.services.stats.protocol_errors[(self.conn.listener, "http")] += 1

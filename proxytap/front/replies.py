@@ -22,9 +22,12 @@ def http_error(
     *,
     version: str = "HTTP/1.1",
     include_body: bool = True,
+    retry_after: int | None = None,
 ) -> bytes:
     """A final HTTP error answer from the proxy (407 with its challenge)."""
     extra = [proxy_authenticate_header(config.auth.realm)] if status == 407 else []
+    if retry_after is not None:
+        extra.append(("Retry-After", str(retry_after)))
     return httpconnect.error_response(
         status,
         reason,

@@ -41,6 +41,13 @@ Decisions:
   malformed (not base64, no colon, control characters: RFC 7617 section 2),
   which is a broken client, not a wrong password. The shell sends the
   ``proxy_authenticate_header`` with every 407.
+* **Failure throttle.** ``FailureThrottle`` counts failed authentications per
+  client address in a fixed window (``failure_window`` seconds from the first
+  failure); at ``max_failures`` the address is refused for the rest of the
+  window without a password being checked (brute force costs the attacker a
+  window per ``max_failures`` guesses, and costs us no hash checks). A bounded
+  LRU (``THROTTLE_ADDRESSES``): a flood of addresses evicts the oldest, which
+  at worst lets an evicted address start a new window. Time is an argument.
 * **Character set.** The challenge says ``charset="UTF-8"`` (RFC 7617 2.1);
   credentials are decoded as UTF-8, and as Latin-1 when they are not valid
   UTF-8 (older clients), which maps a Latin-1 "é" to the same character a
@@ -275,6 +282,57 @@ class AuthCache:
         return len(self._entries)
 
 
+THROTTLE_ADDRESSES: Final = 4096  # client addresses whose failures are remembered
+
+
+class _Failures:
+    __slots__ = ("count", "reported", "start")
+
+    def __init__(self, start: float) -> None:
+        self.start = start  # the window began with the first failure
+        self.count = 0
+        self.reported = False  # the first refusal of this window was reported
+
+
+class FailureThrottle:
+    """Failed authentications per client address; ``limit`` 0 turns it off."""
+
+    def __init__(self, limit: int, window: float, size: int = THROTTLE_ADDRESSES) -> None:
+        self.limit = limit
+        self.window = window
+        self.size = size
+        self._entries: collections.OrderedDict[str, _Failures] = collections.OrderedDict()
+
+    def failed(self, address: str, now: float) -> None:
+        """One failed authentication from ``address``."""
+        if self.limit <= 0:
+            return
+        entries = self._entries
+        entry = entries.get(address)
+        if entry is None or now - entry.start >= self.window:
+            entry = entries[address] = _Failures(now)
+        entry.count += 1
+        entries.move_to_end(address)
+        if len(entries) > self.size:
+            entries.popitem(last=False)
+
+    def blocked(self, address: str, now: float) -> tuple[float, bool] | None:
+        """``(seconds left, first refusal of the window)`` when ``address`` is refused."""
+        entry = self._entries.get(address)
+        if entry is None or entry.count < self.limit:
+            return None
+        left = entry.start + self.window - now
+        if left <= 0:  # the window is over: a clean slate
+            del self._entries[address]
+            return None
+        first = not entry.reported
+        entry.reported = True
+        return left, first
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 # -- HTTP Basic ----------------------------------------------------------------------
 
 
@@ -348,6 +406,10 @@ class AuthConfig:
     socks4_userids: tuple[str, ...] | None = None  # SOCKS4 user ids accepted; None: any
     cache_ttl: float = 300.0  # seconds a verified user:password is remembered; 0: never
     cache_size: int = 1024  # users remembered at most
+    # failed authentications from one client address within failure_window seconds,
+    # after which its attempts are refused unchecked for the rest of the window; 0: no limit
+    max_failures: int = 10
+    failure_window: float = 60.0
 
     @property
     def enabled(self) -> bool:
@@ -366,6 +428,10 @@ class AuthConfig:
             raise ConfigError(f"{key}.cache_ttl", "must be >= 0")
         if self.cache_size <= 0:
             raise ConfigError(f"{key}.cache_size", "must be > 0")
+        if self.max_failures < 0:
+            raise ConfigError(f"{key}.max_failures", "must be >= 0 (0: no limit)")
+        if not 0 < self.failure_window <= 86400:
+            raise ConfigError(f"{key}.failure_window", "must be > 0 and at most 86400 seconds")
 
     def load_htpasswd(self, key: str = "auth") -> Htpasswd | None:
         """The user file, read now (``None`` when authentication is off)."""
@@ -375,3 +441,6 @@ class AuthConfig:
 
     def cache(self) -> AuthCache:
         return AuthCache(self.cache_ttl, self.cache_size)
+
+    def throttle(self) -> FailureThrottle:
+        return FailureThrottle(self.max_failures, self.failure_window)
