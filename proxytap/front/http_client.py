@@ -269,9 +269,16 @@ class RequestReader:
         creds = req.to.credentials
         if creds is None:
             self.services.refused("auth", "proxy authentication required")
-            raise ProtocolError(
+            err = ProtocolError(
                 "proxy authentication required", status=407, proxy_status="http_request_denied"
             )
+            if not req.drainable():
+                raise err  # answered at once; the connection closes
+            # the usual first step of a client's authentication: answered once read,
+            # the connection kept for the retry with credentials
+            req.local = True
+            req.denial = err
+            return
         if creds != self.auth_ok:
             throttled = auth_throttled(self.services, self.conn)
             if throttled is not None:

@@ -41,6 +41,10 @@ if TYPE_CHECKING:
 MAX_IDLE_UPSTREAMS: Final = 8  # idle upstream connections kept per client connection
 LINGER: Final = 2.0  # seconds a closing client connection is drained before the close
 CACHE_HEAD: Final = 4096  # request heads up to this size are memoized by the header rules
+# a request refused 407 whose body is at most this long is read and dropped, and the
+# connection kept for the retry with credentials; a longer, chunked or
+# Expect: 100-continue body is not waited for: answered at once, then closed
+DRAIN_MAX: Final = 1 << 20
 IDEMPOTENT: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 
 
@@ -140,6 +144,7 @@ class Exchange:
     websocket = False
     local = False  # answered by the proxy itself (OPTIONS / TRACE with Max-Forwards: 0)
     trace = b""  # TRACE: the head to echo (as received, without credentials)
+    denial: ProtocolError | None = None  # local: a 407 to answer once the request is read
     auth_pending = False  # its credentials are being checked: not sent yet
     upstream: UpstreamConnection | None = None
     responded = False  # the final response head went to the client
@@ -167,6 +172,15 @@ class Exchange:
 
     def has_body(self) -> bool:
         return self.chunked or self.to.length > 0
+
+    def drainable(self) -> bool:
+        """Whether a refusal may wait for the whole request and keep the connection."""
+        if not self.has_body():
+            return True
+        if self.chunked or self.to.length > DRAIN_MAX:
+            return False
+        # the client waits for a 100 before its body: it may never come
+        return not any(n.lower() == b"expect" for n, _ in self.to.headers)
 
 
 class ClientOut:
@@ -211,7 +225,10 @@ TRACE_HIDDEN: Final = frozenset((b"proxy-authorization", b"authorization", b"coo
 
 
 def local_answer(req: Exchange, allow: bytes, keep: bool) -> bytes:
-    """The proxy's own 200 to an OPTIONS or TRACE with ``Max-Forwards: 0``."""
+    """The proxy's own 200 to an OPTIONS or TRACE with ``Max-Forwards: 0``.
+
+    (A 407, the other local answer, is built by ``replies.http_error``.)
+    """
     if req.method == b"TRACE":
         fields = b"Content-Type: message/http\r\n"
         body = req.trace

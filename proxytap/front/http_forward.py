@@ -19,7 +19,11 @@ answers, timers and the close.
 Decisions (heads and bodies: ``http_client``; responses: ``http_response``)
     * Policy: ``Services.open`` judges every destination with the
       connection's user; with authentication configured every request needs
-      ``Proxy-Authorization`` (407 otherwise), checked once per value.
+      ``Proxy-Authorization`` (407 otherwise), checked once per value. A 407
+      to a request read whole (its body, up to ``DRAIN_MAX``, read and
+      dropped) keeps the connection for the client's retry with credentials;
+      a chunked, larger or ``Expect: 100-continue`` body is not waited for:
+      answered at once, then closed.
     * Modules: ``on_connect`` and the request hooks run when a request becomes
       active. A refusal or module error before the response answers with its
       status (500 for errors) and closes; after it, the connection is closed.
@@ -286,10 +290,26 @@ class HttpForwarder(asyncio.Protocol):
             self.update_reading()
 
     def unauthenticated(self, req: Exchange, err: ProtocolError) -> None:
-        """``req``'s credentials are bad (the reader's call): refused, then the connection.
+        """``req``'s credentials are bad (the reader's call): refused.
 
-        Requests queued before it are answered first.
+        A 407 to a request whose body can be read whole is answered once it is
+        (a local answer) and the connection kept; else it is answered, then
+        the connection closes. Requests queued before it are answered first.
         """
+        req.auth_pending = False
+        if (
+            err.status == 407
+            and req.upstream is None
+            and req in self.queue
+            and self.phase is _HTTP
+            and req.drainable()
+        ):
+            req.local = True
+            req.denial = err
+            req.pending = []  # body bytes read meanwhile: dropped
+            if req.done and self.queue[0] is req:
+                self._answer_locally(req)
+            return
         if req in self.queue:
             if req.upstream is not None:
                 req.upstream.close(CloseReason.ERROR)
@@ -375,8 +395,15 @@ class HttpForwarder(asyncio.Protocol):
                 req = queue[0]
                 up = req.upstream
                 # done: only notice a client that goes away, or its next request
-                want = req.done or (
-                    up is not None and up.phase >= _UP_READY and not (up.blocked or up.export_held)
+                # local: its body is read and dropped
+                want = (
+                    req.done
+                    or req.local
+                    or (
+                        up is not None
+                        and up.phase >= _UP_READY
+                        and not (up.blocked or up.export_held)
+                    )
                 )
         if want is not self.reading:
             self.reading = want
@@ -417,12 +444,28 @@ class HttpForwarder(asyncio.Protocol):
             self._answer_locally(req)
 
     def _answer_locally(self, req: Exchange) -> None:
-        """OPTIONS / TRACE with ``Max-Forwards: 0``: our 200, then the next request."""
+        """A request read whole that the proxy answers: 407 (credentials missing or
+        wrong), or 200 (OPTIONS / TRACE with ``Max-Forwards: 0``); then the next one."""
         keep = req.keep = self.keeps(req)
-        req.status = 200
+        err = req.denial
+        if err is not None:
+            log.info("http %s:%d refused: %s", *self.conn.client, err.reason)
+            req.status = err.status
+            answer = http_error(
+                self.services.config,
+                err.status,
+                err.reason,
+                err.proxy_status,
+                include_body=not req.is_head,
+                close=not keep,
+            )
+        else:
+            req.status = 200
+            answer = local_answer(req, self.allow, keep)
         req.responded = True
-        self.services.stats.http_responses[response_keys(self.conn.listener, "proxy")[2]] += 1
-        self.out.write(local_answer(req, self.allow, keep))
+        keys = response_keys(self.conn.listener, "proxy")
+        self.services.stats.http_responses[keys[req.status // 100]] += 1
+        self.out.write(answer)
         now = self.loop.time()
         self.idle_since = now
         self.out.activity += 1

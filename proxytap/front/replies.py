@@ -23,8 +23,12 @@ def http_error(
     version: str = "HTTP/1.1",
     include_body: bool = True,
     retry_after: int | None = None,
+    close: bool = True,
 ) -> bytes:
-    """A final HTTP error answer from the proxy (407 with its challenge)."""
+    """A final HTTP error answer from the proxy (407 with its challenge).
+
+    ``close=False``: the connection stays open (a 407 to a request read whole).
+    """
     extra = [proxy_authenticate_header(config.auth.realm)] if status == 407 else []
     if retry_after is not None:
         extra.append(("Retry-After", str(retry_after)))
@@ -36,4 +40,5 @@ def http_error(
         proxy_name=config.proxy_name,
         extra_headers=extra,
         include_body=include_body,
+        close=close,
     )

@@ -53,7 +53,10 @@ async def test_failures_from_one_address_are_refused_unchecked(
     auth = proxy.app.services.auth
     assert auth is not None
     caplog.set_level(logging.INFO, "proxytap.front")
-    get = b"GET %b/hello HTTP/1.1\r\nProxy-Authorization: %%b\r\n\r\n" % origin.url.encode()
+    get = (
+        b"GET %b/hello HTTP/1.1\r\nProxy-Authorization: %%b\r\nConnection: close\r\n\r\n"
+        % origin.url.encode()
+    )
     for _ in range(2):  # two wrong passwords: 407, checked
         got = await exchange(proxy.http, get % BAD)
         assert got.startswith(b"HTTP/1.1 407 Proxy Authentication Required\r\n"), got
@@ -66,8 +69,7 @@ async def test_failures_from_one_address_are_refused_unchecked(
     assert await exchange(proxy.socks, socks) == b"\x05\x02\x01\x01"
     assert (auth.failures, auth.successes) == (2, 0)
     # another address is not concerned
-    last = get.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n") % GOOD
-    got = await exchange(proxy.http, last, "127.0.0.2")
+    got = await exchange(proxy.http, get % GOOD, "127.0.0.2")
     assert got.startswith(b"HTTP/1.1 200 OK\r\n") and got.endswith(b"hello GET /hello"), got
     families = await scrape(proxy)
     name = "proxytap_downstream_auth_throttled"

@@ -1122,7 +1122,11 @@ async def test_proxy_authentication(auth_proxy: RunningProxy, origin: Origin) ->
     for args in (["--proxy-user", "alice:wrong"], []):
         rc, _, err = await curl("-x", auth_proxy.http_url, "--fail", *args, url)
         assert rc != 0 and b"407" in err, err
-    got = await exchange(auth_proxy.http, b"GET %b HTTP/1.1\r\n\r\n" % url.encode())
+    # a 407 to a request read whole keeps the connection (test_407_keeps_the_connection)
+    reader, writer = await client(auth_proxy)
+    writer.write(b"GET %b HTTP/1.1\r\n\r\n" % url.encode())
+    got = (await read_message(reader)).raw
+    writer.close()
     assert got.startswith(b"HTTP/1.1 407 Proxy Authentication Required\r\n")
     assert b'\r\nProxy-Authenticate: Basic realm="proxytap", charset="UTF-8"\r\n' in got
     assert auth_proxy.app.services.refusals[("auth", "bad credentials")] == 1
@@ -1140,6 +1144,75 @@ async def test_proxy_authentication(auth_proxy: RunningProxy, origin: Origin) ->
     (fwd,) = forwarders(auth_proxy)
     assert fwd.conn.user == "alice"
     writer.close()
+
+
+REQUIRED = b"proxy authentication required\n"
+WRONG = b"wrong user name or password\n"
+
+
+def proxy_407(text: bytes, close: bool) -> bytes:
+    return (
+        b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
+        b"Proxy-Status: proxytap; error=http_request_denied\r\n"
+        b'Proxy-Authenticate: Basic realm="proxytap", charset="UTF-8"\r\n%b\r\n%b'
+        % (len(text), b"Connection: close\r\n" if close else b"", text)
+    )
+
+
+async def test_407_keeps_the_connection(auth_proxy: RunningProxy, raw_server: ProxyFactory) -> None:
+    """Missing or wrong credentials on a request read whole: 407, the connection kept."""
+    script, server = await start_script(raw_server, ok())
+    post = b"POST http://127.0.0.1:%d/up HTTP/1.1\r\nContent-Length: 5\r\n%%b\r\nhello" % (
+        server.port
+    )
+    wrong = basic_credentials("alice", "wrong").encode()
+    good = basic_credentials("alice", "s3cret").encode()
+    reader, writer = await client(auth_proxy)
+    writer.write(post % b"")
+    assert (await read_message(reader)).raw == proxy_407(REQUIRED, close=False)
+    writer.write(post % b"Proxy-Authorization: %b\r\n" % wrong)  # checked in a thread
+    assert (await read_message(reader)).raw == proxy_407(WRONG, close=False)
+    writer.write(post % b"Proxy-Authorization: %b\r\n" % good)
+    assert (await read_message(reader)).body == b"ok"
+    writer.close()
+    (req,) = script.requests  # only the authenticated one, its body whole
+    assert (req.start, req.body, script.connections) == (b"POST /up HTTP/1.1", b"hello", 1)
+    assert auth_proxy.app.services.stats.downstream[("http", "http-forward")] == 1
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"Content-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+        b"Content-Length: 2000000\r\n\r\n",
+    ],
+)
+async def test_407_closes_when_the_body_is_not_waited_for(
+    auth_proxy: RunningProxy, framing: bytes
+) -> None:
+    """Chunked, Expect: 100-continue or over DRAIN_MAX: answered at once, then closed."""
+    got = await exchange(auth_proxy.http, b"POST http://127.0.0.1:1/ HTTP/1.1\r\n" + framing)
+    assert got == proxy_407(REQUIRED, close=True)
+
+
+async def test_curl_retries_its_authentication_on_the_same_connection(
+    auth_proxy: RunningProxy, origin: Origin
+) -> None:
+    rc, out, err = await curl(
+        "-x",
+        auth_proxy.http_url,
+        "--proxy-anyauth",
+        "--proxy-user",
+        "alice:s3cret",
+        "-w",
+        " connects=%{num_connects}",
+        f"{origin.url}/hello",
+    )
+    assert rc == 0, err
+    assert out == b"hello GET /hello connects=1"
+    assert auth_proxy.app.services.stats.downstream[("http", "http-forward")] == 1
 
 
 async def test_destination_policy_and_dns_errors(start_proxy: ProxyFactory) -> None:
