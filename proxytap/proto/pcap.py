@@ -130,8 +130,16 @@ def checksum(data: bytes) -> int:
     """
     if len(data) & 1:
         data += b"\0"
-    s = int.from_bytes(data, "big") % 0xFFFF
-    return ~s & 0xFFFF
+    return _complement(int.from_bytes(data, "big"))
+
+
+def _complement(total: int) -> int:
+    """The checksum field for a sum of 16-bit words ``total``: its ones' complement
+    folded into 1..0xFFFF (never 0 for data that is not all zeros: a sum that is a
+    multiple of 0xFFFF is 0xFFFF, as the end-around carry gives), complemented. So
+    a sum of 0xFFFF gives 0x0000, what stacks send, not 0xFFFF ("-0", which RFC 1624
+    says a receiver may accept but Wireshark flags)."""
+    return ~((total - 1) % 0xFFFF + 1 if total else 0) & 0xFFFF
 
 
 def _addresses(a: str, b: str) -> tuple[int, bytes, bytes]:
@@ -300,12 +308,12 @@ class TcpConversation:
         if len(payload) & 1:
             body <<= 8  # the pad byte
         total = self._sum + tcp_len + int.from_bytes(head, "big") + body
-        cks = ~(total % 0xFFFF) & 0xFFFF
+        cks = _complement(total)
         head = _TCP.pack(sport, dport, seq, ack, offset, flags, WINDOW, cks, 0) + options
         ident = self._ident[sender]
         self._ident[sender] = (ident + 1) & 0xFFFF
         if self._version == 4:
-            ip_cks = ~((self._ip_sum + 20 + tcp_len + ident) % 0xFFFF) & 0xFFFF
+            ip_cks = _complement(self._ip_sum + 20 + tcp_len + ident)
             ip = _IPV4.pack(0x45, 0, 20 + tcp_len, ident, 0x4000, TTL, _PROTO_TCP, ip_cks, src, dst)
         else:
             ip = _IPV6.pack(6 << 28, tcp_len, _PROTO_TCP, TTL, src, dst)

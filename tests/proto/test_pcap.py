@@ -331,3 +331,32 @@ def test_tshark_reads_a_synthesized_conversation(tmp_path: Path, v6: bool) -> No
     udp = tmp_path / "u.pcap"
     udp.write_bytes(global_header() + record(*udp_packet(client, server, b"dns?", 1.0)))
     assert "Good" in tshark("-r", str(udp), "-V", "-o", "udp.check_checksum:TRUE")
+
+
+def test_a_word_sum_of_ffff_gives_checksum_zero_not_ffff() -> None:
+    """RFC 1624: the ones' complement sum of non-zero data is never +0, so a sum of
+    0xFFFF is sent as checksum 0x0000, as stacks do; 0xFFFF (-0) is what Wireshark
+    flags ("TCP CHECKSUM 0xFFFF"), found by a 100 MiB flow read back with tshark."""
+    assert checksum(bytes.fromhex("1234edcb")) == 0x0000
+    assert checksum(b"\xff\xff") == 0x0000
+    assert checksum(b"\x00\x00") == 0xFFFF  # all zeros: the sum is +0
+    # a segment whose sum is 0xFFFF: with payload 0000 the sum is S, so payload ~S
+    probe = TcpConversation(CLIENT, SERVER, "Fcks")
+    probe.open(1.0)
+    seg = probe.data(UP, b"\0\0", 2.0)[0][1]
+    s = ~int.from_bytes(seg[36:38], "big") & 0xFFFF
+    conv = TcpConversation(CLIENT, SERVER, "Fcks")
+    conv.open(1.0)
+    seg = conv.data(UP, (0xFFFF - s).to_bytes(2, "big"), 2.0)[0][1]
+    assert seg[36:38] == b"\0\0"
+    _, _, (pkt,) = parse_file(global_header() + records([(2.0, seg)]))
+    assert pkt.payload == (0xFFFF - s).to_bytes(2, "big")  # the reader's word sum checks it
+    # the IPv4 header: over every ident, one header sums to 0xFFFF; it must carry 0x0000
+    conv = TcpConversation(CLIENT, SERVER, "Fip")
+    conv.open(1.0)
+    seen = set()
+    for _ in range(1 << 16):
+        packet = conv.data(UP, b"z", 3.0)[0][1]
+        seen.add(packet[10:12])
+        assert word_sum(packet[:20]) == 0xFFFF
+    assert b"\xff\xff" not in seen and b"\0\0" in seen
