@@ -578,3 +578,45 @@ async def socks_get_anonymous(proxy: RunningProxy, port: int) -> bytes:
         return await asyncio.wait_for(reader.read(), 10)
     finally:
         writer.close()
+
+
+def readme_metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """README's metrics table: name -> (type, label names), each name once."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n### Metrics\n", 1)[1].split("\n### ", 1)[0]
+    table: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for line in section.splitlines():
+        if not line.startswith("| `proxytap_"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        labels = tuple(re.findall(r"`(\w+)`", cells[2]))
+        for name in re.findall(r"`(proxytap_\w+)`", cells[0]):
+            assert name not in table, f"{name} twice in README's metrics table"
+            table[name] = (cells[1], labels)
+    return table
+
+
+async def test_readme_metrics_table_is_what_is_exposed(
+    start_proxy: ProxyFactory, home: Path, tmp_path: Path, recording_origin: RecordingOrigin
+) -> None:
+    """Every family of METRICS in README's table, with its type and its label names."""
+    table = readme_metrics()
+    assert {n: t for n, (t, _) in table.items()} == {n: t for n, (t, _) in METRICS.items()}
+    cfg = Config(  # every sink kind: the export families have samples to read labels from
+        listeners=LISTENERS,
+        access=TEST_ACCESS,
+        export=ExportConfig(sftap_home=str(home), loopback7=str(home / "nowhere")),
+        log=LogConfig(flows=str(tmp_path / "flows.json")),
+        admin=AdminConfig(address="127.0.0.1:0"),
+    )
+    proxy: RunningProxy = await start_proxy(cfg)
+    assert (await socks_get_anonymous(proxy, recording_origin.port)).endswith(b"hello")
+    families = await scrape(proxy)
+    checked = 0
+    for name, (_, labels) in table.items():
+        family = families[name.removesuffix("_total")]
+        exposed = {tuple(sorted(k for k in s.labels if k != "le")) for s in family.samples}
+        if exposed:  # families without samples here (no modules: module errors) have none
+            assert exposed == {tuple(sorted(labels))}, name
+            checked += 1
+    assert checked >= len(table) - 2, checked
