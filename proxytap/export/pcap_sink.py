@@ -174,6 +174,8 @@ class PcapFileSink(_PcapFraming):
         self.rotate_seconds = rotate_seconds
         self.buffer_limit = buffer_limit
         self.clock = clock
+        # the worker thread's write call: ``os.write`` (a seam: tests put a full disk here)
+        self.os_write: Callable[[int, memoryview], int] = os.write
         # (records, packets, payload bytes) per hub event, waiting for the writer
         self._pending: list[tuple[bytes, int, int]] = []
         self._pending_bytes = 0
@@ -372,7 +374,7 @@ class PcapFileSink(_PcapFraming):
         assert fd is not None
         view = memoryview(data)
         while view:  # bounded: every round writes at least one byte or raises
-            n = os.write(fd, view)
+            n = self.os_write(fd, view)
             if n <= 0:
                 raise OSError(f"short write to {self.path}")
             view = view[n:]

@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import hashlib
 import os
 import re
 import socket
 import stat
 import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,13 +29,17 @@ from python_socks.async_.asyncio import Proxy
 from proxytap.config import AdminConfig, Config, ExportConfig, ListenerConfig, PcapConfig, load
 from proxytap.export.pcap_sink import PcapFileSink, PcapServer
 from proxytap.flows.table import DOWN, UP, CloseReason, FlowTable
+from tests.certs import Pki
 from tests.conftest import (
+    BLOCK,
     TEST_ACCESS,
+    Origin,
     ProxyFactory,
     RawServer,
     RunningProxy,
     curl,
     pattern,
+    pattern_sha256,
     run,
     wait_until,
 )
@@ -343,6 +349,334 @@ async def test_unwritable_directory_keeps_proxying_and_counts_write_errors(
     assert float(m.group(1) or m.group(2)) >= 1
 
 
+# -- acceptance: plain HTTP, TLS in a tunnel, a big flow, a disk failing mid-transfer ----------
+
+
+def bad_checksums(path: Path) -> list[str]:
+    """tshark's filters for a packet whose IPv4 or TCP checksum is not Good (status 1)."""
+    return ["-r", str(path), *CHECKS, "-Y", "tcp.checksum.status!=1 || ip.checksum.status!=1"]
+
+
+async def test_plain_http_forwarding_dissects_as_http(
+    start_proxy: ProxyFactory, raw_server: Any, tmp_path: Path
+) -> None:
+    """An absolute-form request (no tunnel) is written as the client's HTTP conversation
+    with the origin: Host, the request's path, the response's status."""
+    d = tmp_path / "pcap"
+    origin_app = RecordingOrigin(body=30_000)
+    origin: RawServer = await raw_server(origin_app.handle)
+    proxy: RunningProxy = await start_proxy(pcap_config(d))
+    out = tmp_path / "body"
+    rc, _, err = await curl(
+        "-x", proxy.http_url, "-o", str(out), f"http://127.0.0.1:{origin.port}/plain/path?q=1"
+    )
+    assert rc == 0, err
+    assert out.read_bytes() == pattern(30_000)
+    await proxy.recorder.wait_destroyed(1)
+    await sink_of(proxy, PcapFileSink).flush()
+    (path,) = pcap_files(d)
+    as_http = ("-d", f"tcp.port=={origin.port},http")
+    requests = await tshark(
+        "-r", str(path), *as_http, "-Y", "http.request", "-T", "fields",
+        "-e", "http.host", "-e", "http.request.uri", "-e", "tcp.dstport",
+    )  # fmt: skip
+    assert requests == f"127.0.0.1:{origin.port}\t/plain/path?q=1\t{origin.port}\n"
+    responses = await tshark(
+        "-r", str(path), *as_http, "-Y", "http.response", "-T", "fields",
+        "-e", "http.response.code", "-e", "tcp.srcport",
+    )  # fmt: skip
+    assert responses == f"200\t{origin.port}\n"
+    conv = await tshark("-r", str(path), "-q", "-z", "conv,tcp")
+    pairs = re.findall(r"^(\S+):(\d+)\s+<->\s+(\S+):(\d+)\s", conv, re.M)
+    assert len(pairs) == 1 and pairs[0][2:] == ("127.0.0.1", str(origin.port)), conv
+    assert f":{proxy.http[1]} " not in conv
+    ((head, sent),) = origin_app.conns
+    _, up, down = follow_raw(await tshark("-r", str(path), "-q", "-z", "follow,tcp,raw,0"))
+    assert up == head and down == sent  # the request as the origin got it, its answer
+    assert await tshark("-r", str(path), "-Y", "tcp.analysis.flags", *CHECKS) == ""
+    assert await tshark(*bad_checksums(path)) == ""
+
+
+async def test_connect_tls_passthrough_dissects_as_tls_with_the_sni(
+    start_proxy: ProxyFactory, tls_origin: Origin, pki: Pki, tmp_path: Path
+) -> None:
+    d = tmp_path / "pcap"
+    proxy: RunningProxy = await start_proxy(pcap_config(d))
+    url = f"https://localhost:{tls_origin.port}/hello"
+    fmt = ("-w", "%{local_port}", "-o", str(tmp_path / "body"))
+    rc, port, err = await curl(
+        "-p", "-x", proxy.http_url, "--cacert", str(pki.ca_pem), "--resolve",
+        f"localhost:{tls_origin.port}:127.0.0.1", *fmt, url,
+    )  # fmt: skip
+    assert rc == 0, err
+    assert (tmp_path / "body").read_text() == "hello GET /hello"
+    await proxy.recorder.wait_destroyed(1)
+    await sink_of(proxy, PcapFileSink).flush()
+    (path,) = pcap_files(d)
+    as_tls = ("-d", f"tcp.port=={tls_origin.port},tls")
+    hello = await tshark(
+        "-r", str(path), *as_tls, "-Y", "tls.handshake.type==1", "-T", "fields",
+        "-e", "tls.handshake.extensions_server_name", "-e", "tcp.srcport", "-e", "tcp.dstport",
+    )  # fmt: skip
+    assert hello == f"localhost\t{int(port)}\t{tls_origin.port}\n"
+    server_hello = await tshark(
+        "-r", str(path), *as_tls, "-Y", "tls.handshake.type==2", "-T", "fields",
+        "-e", "tcp.srcport",
+    )  # fmt: skip
+    assert server_hello == f"{tls_origin.port}\n"
+    app_data = await tshark(
+        "-r", str(path), *as_tls, "-Y", "tls.app_data", "-T", "fields",
+        "-e", "tcp.srcport",
+    )  # fmt: skip
+    assert {int(p) for p in app_data.split()} == {int(port), tls_origin.port}
+    conv = await tshark("-r", str(path), "-q", "-z", "conv,tcp")
+    pairs = re.findall(r"^(\S+):(\d+)\s+<->\s+(\S+):(\d+)\s", conv, re.M)
+    assert pairs == [("127.0.0.1", str(int(port)), "127.0.0.1", str(tls_origin.port))], conv
+    assert await tshark("-r", str(path), *as_tls, "-Y", "tcp.analysis.flags", *CHECKS) == ""
+    assert await tshark(*bad_checksums(path), *as_tls) == ""
+    assert (
+        await tshark("-r", str(path), *as_tls, "-Y", "_ws.malformed || _ws.expert.severity>=error")
+        == ""
+    )
+    frames = await tshark("-r", str(path), "-T", "fields", "-e", "frame.number")
+    assert len(frames.split()) > 10  # handshake, TLS records, FIN exchange
+
+
+class BigOrigin:
+    """A raw origin answering one request with ``size`` pattern bytes, streamed; keeps the
+    request it read."""
+
+    HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.heads: list[bytes] = []
+
+    def sent_sha256(self) -> str:
+        h = hashlib.sha256(self.HEAD % self.size)
+        reps, rest = divmod(self.size, len(BLOCK))
+        for _ in range(reps):
+            h.update(BLOCK)
+        h.update(BLOCK[:rest])
+        return h.hexdigest()
+
+    async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.heads.append(await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10))
+        w.write(self.HEAD % self.size)
+        left = self.size
+        while left:
+            step = min(left, len(BLOCK))
+            w.write(BLOCK[:step])
+            await w.drain()
+            left -= step
+
+
+def hash_follow(path: Path) -> tuple[int, str, str, int, int]:
+    """``follow,tcp,raw`` output streamed from ``path``: (node 0's port, sha256 of node 0's
+    bytes, of node 1's, their lengths), never holding the stream in memory."""
+    a, b = hashlib.sha256(), hashlib.sha256()
+    na = nb = 0
+    node0 = -1
+    with path.open() as f:
+        for line in f:
+            if line.startswith("Node 0: "):
+                node0 = int(line.rsplit(":", 1)[1])
+            elif line.startswith("Node 1: "):
+                break
+        for line in f:
+            if line.startswith("====="):
+                break
+            if line.startswith("\t"):
+                chunk = bytes.fromhex(line.strip())
+                b.update(chunk)
+                nb += len(chunk)
+            elif line.strip():
+                chunk = bytes.fromhex(line.strip())
+                a.update(chunk)
+                na += len(chunk)
+    assert node0 > 0
+    return node0, a.hexdigest(), b.hexdigest(), na, nb
+
+
+async def tshark_to(out: Path, *args: str) -> None:
+    with out.open("wb") as f:
+        proc = await asyncio.create_subprocess_exec(
+            "tshark", *args, stdout=f, stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), 600)
+    assert proc.returncode == 0, err.decode()
+
+
+# no reassembly above TCP: an HTTP body of 100 MiB reassembled takes tshark minutes, and
+# follow, conv, the analysis flags and the checksums are all TCP's own
+FLAT = ("-o", "tcp.desegment_tcp_streams:FALSE")
+
+
+async def check_big_flow(
+    start_proxy: ProxyFactory, raw_server: Any, tmp_path: Path, size: int
+) -> None:
+    d = tmp_path / "pcap"
+    origin_app = BigOrigin(size)
+    origin: RawServer = await raw_server(origin_app.handle)
+    proxy: RunningProxy = await start_proxy(pcap_config(d, rotate_bytes=0, buffer=64 << 20))
+    body = tmp_path / "body"
+    fmt = ("-w", "%{local_port}", "-o", str(body))
+    rc, port, err = await curl(
+        "-p", "-x", proxy.http_url, *fmt, f"http://127.0.0.1:{origin.port}/big"
+    )
+    assert rc == 0, err
+    h = hashlib.sha256()
+    with body.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    assert h.hexdigest() == pattern_sha256(size)
+    await proxy.recorder.wait_destroyed(1)
+    sink: PcapFileSink = sink_of(proxy, PcapFileSink)
+    await sink.flush()
+    assert sink.stats().drops == {"buffer_full": 0, "write_error": 0}, sink.drops
+    (path,) = pcap_files(d)
+    conv = await tshark("-r", str(path), *FLAT, "-q", "-z", "conv,tcp")
+    pairs = re.findall(r"^(\S+):(\d+)\s+<->\s+(\S+):(\d+)\s", conv, re.M)
+    assert pairs == [("127.0.0.1", str(int(port)), "127.0.0.1", str(origin.port))], conv
+    follow = tmp_path / "follow.txt"
+    await tshark_to(follow, "-r", str(path), *FLAT, "-q", "-z", "follow,tcp,raw,0")
+    node0, up_sha, down_sha, n_up, n_down = await asyncio.to_thread(hash_follow, follow)
+    (head,) = origin_app.heads
+    assert node0 == int(port)
+    assert (up_sha, n_up) == (hashlib.sha256(head).hexdigest(), len(head))
+    assert (down_sha, n_down) == (origin_app.sent_sha256(), len(BigOrigin.HEAD % size) + size)
+    assert await tshark("-r", str(path), *FLAT, "-Y", "tcp.analysis.flags", *CHECKS) == ""
+    assert await tshark(*bad_checksums(path), *FLAT) == ""
+    frames = await tshark_count(path)
+    assert frames > size // 1460
+    # every packet's checksums checked and Good, counted without -V's pages per packet
+    assert await tshark_count(path, "tcp.checksum.status==1 && ip.checksum.status==1") == frames
+
+
+async def tshark_count(path: Path, display_filter: str = "") -> int:
+    """Packets of ``path`` (matching ``display_filter``), counted from a file."""
+    out = path.with_suffix(".frames")
+    flt = ("-Y", display_filter) if display_filter else ()
+    await tshark_to(
+        out, "-r", str(path), *FLAT, *CHECKS, *flt, "-T", "fields", "-e", "frame.number"
+    )
+    with out.open() as f:
+        return sum(1 for _ in f)
+
+
+async def test_a_16_mib_flow_reads_back_exactly(
+    start_proxy: ProxyFactory, raw_server: Any, tmp_path: Path
+) -> None:
+    await check_big_flow(start_proxy, raw_server, tmp_path, 16 << 20)
+
+
+@pytest.mark.slow
+async def test_a_100_mib_flow_reads_back_exactly(
+    start_proxy: ProxyFactory, raw_server: Any, tmp_path: Path
+) -> None:
+    await check_big_flow(start_proxy, raw_server, tmp_path, 100 << 20)
+
+
+async def admin_metric(proxy: RunningProxy, name: str, **labels: str) -> float:
+    """One sample of ``/metrics`` on the admin listener, whatever its label order."""
+    assert proxy.app.admin is not None
+    host, admin_port = proxy.app.admin.addresses()[0]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://{host}:{admin_port}/metrics") as resp,
+    ):
+        text = await resp.text()
+    for m in re.finditer(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.M):
+        if dict(re.findall(r'(\w+)="([^"]*)"', m.group(1))) == labels:
+            return float(m.group(2))
+    raise AssertionError([line for line in text.splitlines() if name in line])
+
+
+async def test_a_disk_failing_mid_transfer_loses_packets_not_traffic_and_writing_resumes(
+    start_proxy: ProxyFactory, raw_server: Any, tmp_path: Path
+) -> None:
+    """ENOSPC from the writer while a transfer runs (root ignores a read-only directory,
+    so the sink's write call is the fault): the transfer completes exactly, the loss is
+    counted on /metrics, and once the disk works again a later flow is in a new file."""
+    size = 8 << 20
+    go = asyncio.Event()
+
+    async def in_two_halves(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % size)
+        w.write(pattern(size // 2))
+        await w.drain()
+        await asyncio.wait_for(go.wait(), 10)  # the disk fails here
+        w.write(pattern(size)[size // 2 :])
+        await w.drain()
+
+    small_app = RecordingOrigin(body=1000)
+    small: RawServer = await raw_server(small_app.handle)
+    origin: RawServer = await raw_server(in_two_halves)
+    d = tmp_path / "pcap"
+    proxy: RunningProxy = await start_proxy(pcap_config(d, rotate_bytes=1 << 20))
+    sink: PcapFileSink = sink_of(proxy, PcapFileSink)
+    full = threading.Event()
+    real_write = sink.os_write
+
+    def disk(fd: int, data: memoryview) -> int:
+        if full.is_set():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    sink.os_write = disk
+    body = tmp_path / "body"
+    fmt = ("-w", "%{local_port}", "-o", str(body))
+    socks = "socks5://{}:{}".format(*proxy.socks)
+    transfer = asyncio.ensure_future(curl("-x", socks, *fmt, f"http://127.0.0.1:{origin.port}/big"))
+    try:
+        # the first half is on disk, over rotations: the transfer is running
+        await wait_until(lambda: sink.bytes_written > size // 4 and sink.rotations >= 1, 10)
+        assert not transfer.done()
+        files_before = set(pcap_files(d))
+        full.set()
+        go.set()
+        await wait_until(lambda: sink.drops.get("write_error", 0) > 0, 10, "a write error")
+        assert sink.last_error and "space" in sink.last_error
+        assert sink.stats().connected == 0  # the file with the torn record is closed
+        full.clear()
+        rc, _, err = await transfer
+    finally:
+        go.set()
+        full.clear()
+        if not transfer.done():
+            transfer.cancel()
+    assert rc == 0, err
+    assert hashlib.sha256(body.read_bytes()).hexdigest() == pattern_sha256(size)
+    lost = await admin_metric(
+        proxy, "proxytap_export_dropped_events_total", sink="pcap", reason="write_error"
+    )
+    assert lost > 0 and lost == sink.drops["write_error"]
+    await proxy.recorder.wait_destroyed(1)
+    # later flows, until one is written (its first packets may fall in the back-off)
+    later: set[int] = set()
+    ports_in: dict[Path, set[int]] = {}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while not any(later & ports for ports in ports_in.values()):
+        assert loop.time() < deadline, (later, ports_in, sink.stats())
+        url = f"http://127.0.0.1:{small.port}/"
+        rc, out, err = await curl("-x", socks, "-w", "%{local_port}", "-o", os.devnull, url)
+        assert rc == 0, err
+        later.add(int(out))
+        await proxy.recorder.wait_destroyed(1 + len(later))
+        await sink.flush()
+        for f in pcap_files(d):
+            if f not in files_before:
+                conv = await tshark("-r", str(f), "-q", "-z", "conv,tcp")
+                pairs = re.findall(r"^\S+:(\d+)\s+<->\s+\S+:(\d+)\s", conv, re.M)
+                ports_in[f] = {int(p) for pair in pairs for p in pair}
+    (path,) = [f for f, ports in ports_in.items() if later & ports]
+    assert path not in files_before and sink.stats().connected == 1  # writing again
+    assert await tshark("-r", str(path), "-Y", "tcp.analysis.flags", *CHECKS) == ""
+    assert await tshark(*bad_checksums(path)) == ""
+
+
 # -- the file sink on its own: time rotation, recovery, a full disk --------------------------------
 
 
@@ -398,9 +732,7 @@ async def test_writing_resumes_after_a_failure(tmp_path: Path) -> None:
     assert any(p.payload == b"x" for p in parse_file(path.read_bytes())[2])
 
 
-async def test_a_full_disk_loses_packets_counted_and_closes_the_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_full_disk_loses_packets_counted_and_closes_the_file(tmp_path: Path) -> None:
     sink = PcapFileSink(tmp_path)
     await sink.start()
     try:
@@ -408,15 +740,15 @@ async def test_a_full_disk_loses_packets_counted_and_closes_the_file(
         sink.flow_created(flow, flow.start)
         await sink.flush()
         assert sink.path is not None and sink.stats().connected == 1
-        real_write = os.write
+        real_write = sink.os_write
 
-        def full(fd: int, data: Any) -> int:
+        def full(fd: int, data: memoryview) -> int:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        monkeypatch.setattr(os, "write", full)
+        sink.os_write = full
         sink.flow_data(flow, UP, b"y" * 5000, flow.start + 1)
         await sink.flush()
-        monkeypatch.setattr(os, "write", real_write)
+        sink.os_write = real_write
         assert sink.drops == {"write_error": 1} and sink.dropped_bytes == {"write_error": 5000}
         assert sink.last_error and "space" in sink.last_error
         assert sink.stats().connected == 0  # the file is closed
