@@ -54,6 +54,7 @@ from proxytap import __version__
 from proxytap.errors import ConfigError
 from proxytap.export.sink import Sink
 from proxytap.flows.table import Flow
+from proxytap.hostport import hostport
 from proxytap.intercept import ca as ca_lib
 from proxytap.intercept import onboarding
 from proxytap.intercept.ca import CA
@@ -186,7 +187,7 @@ class AdminServer:
             raise
         self._runner, self._site = runner, site
         for host, port in self.addresses():
-            log.info("admin: serving http://%s:%d/metrics", host, port)
+            log.info("admin: serving http://%s/metrics", hostport(host, port))
         if self.token is None and not _is_loopback(self.host):
             log.warning("admin: %s is not a loopback address and no token is set", self.host)
 

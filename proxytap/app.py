@@ -23,6 +23,7 @@ from proxytap.front.listener import bound_addresses, start_listener
 from proxytap.front.services import Services
 from proxytap.front.shedding import FdBudget, raise_open_file_limit
 from proxytap.front.upstream import Connector, Resolver
+from proxytap.hostport import hostport
 from proxytap.proto.classify import Classifier, rules_from_config
 
 log = logging.getLogger("proxytap")
@@ -78,7 +79,8 @@ class App:
         self.ready = True
         for listener in self.config.listeners:
             for host, port in self.addresses(listener.name):
-                log.info("listening: %s %s on %s:%d", listener.name, listener.kind, host, port)
+                kind = "" if listener.name == listener.kind else f" ({listener.kind})"
+                log.info("listening: %s%s on %s", listener.name, kind, hostport(host, port))
         self._budget_files()
 
     def _budget_files(self) -> None:

@@ -505,7 +505,7 @@ async def test_run_with_admin_and_json_logs(origin: Origin) -> None:
             msg = json.loads(line)["msg"]
             if m := re.search(r"admin: serving (http://\S+)/metrics", msg):
                 admin = m.group(1)
-            if m := re.search(r"listening: http http on (\S+)", msg):
+            if m := re.search(r"listening: http on (\S+)", msg):
                 http = m.group(1)
         status, body, _ = await get(f"{admin}/readyz")
         assert (status, body["status"]) == (200, "ready")

@@ -85,7 +85,7 @@ async def _start(*args: str) -> tuple[asyncio.subprocess.Process, dict[str, int]
         line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
         assert line, f"proxytap exited early: {lines}"
         lines.append(line)
-        m = re.search(r"listening: (\S+) \S+ on 127\.0\.0\.1:(\d+)", line)
+        m = re.search(r"listening: (\S+)(?: \(\S+\))? on 127\.0\.0\.1:(\d+)", line)
         if m:
             ports[m.group(1)] = int(m.group(2))
         if "proxytap ready" in line:
@@ -200,3 +200,29 @@ async def test_second_sigterm_during_the_drain_stops_at_once(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_startup_lines_name_each_listener_once_ipv6_bracketed(tmp_path: Path) -> None:
+    cfg = tmp_path / "listeners.toml"
+    cfg.write_text(
+        "[[listeners]]\nkind = 'http'\naddress = '127.0.0.1:0'\nname = 'http'\n"
+        "[[listeners]]\nkind = 'mixed'\naddress = '[::1]:0'\nname = 'edge'\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *PROXYTAP, "run", "--config", str(cfg), "--admin", "off",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    lines: list[str] = []
+    try:
+        while not lines or "proxytap ready" not in lines[-1]:
+            line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
+            assert line, f"proxytap exited early: {lines}"
+            lines.append(line)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 20)
+    listening = [ln.split("listening: ", 1)[1].strip() for ln in lines if "listening: " in ln]
+    assert len(listening) == 2, listening
+    assert re.fullmatch(r"http on 127\.0\.0\.1:\d+", listening[0]), listening
+    assert re.fullmatch(r"edge \(mixed\) on \[::1\]:\d+", listening[1]), listening

@@ -95,7 +95,7 @@ async def started(log: Path, proc: asyncio.subprocess.Process) -> tuple[int, int
         return "proxytap ready" in text
 
     await until("proxytap ready", ready, 30)
-    listener = re.search(r"listening: http http on 127\.0\.0\.1:(\d+)", text)
+    listener = re.search(r"listening: http on 127\.0\.0\.1:(\d+)", text)
     admin = re.search(r"admin: serving http://127\.0\.0\.1:(\d+)/", text)
     assert listener is not None and admin is not None, text
     return int(listener.group(1)), int(admin.group(1))

@@ -39,7 +39,7 @@ async def _start(config: Path) -> tuple[asyncio.subprocess.Process, dict[str, in
         line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
         assert line, f"proxytap exited early: {lines}"
         lines.append(line)
-        m = re.search(r"listening: (\S+) \S+ on 127\.0\.0\.1:(\d+)", line)
+        m = re.search(r"listening: (\S+)(?: \(\S+\))? on 127\.0\.0\.1:(\d+)", line)
         if m:
             ports[m.group(1)] = int(m.group(2))
         if "proxytap ready" in line:

@@ -94,7 +94,7 @@ class Answering(asyncio.Protocol):
             self._answered(socks_result(self.socks_version, code))
         else:
             self._http_error(exc.status, exc.reason, exc.proxy_status)
-        log.info("client %s:%d refused by a module: %s", *self.conn.client, exc.reason)
+        log.info("client %s refused by a module: %s", hostport(*self.conn.client), exc.reason)
         self._close("refused by a module", linger=True)
 
     def _connect_failed(
@@ -286,8 +286,8 @@ class Answering(asyncio.Protocol):
         if self.conn is not None and self.done is False:
             log.log(
                 logging.DEBUG if quiet else logging.INFO,
-                "client %s:%d closed: %s",
-                *self.conn.client,
+                "client %s closed: %s",
+                hostport(*self.conn.client),
                 why,
             )
         self._handed_over()

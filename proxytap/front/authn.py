@@ -25,6 +25,7 @@ import time
 from typing import TYPE_CHECKING
 
 from proxytap.errors import ProtocolError
+from proxytap.hostport import hostport
 from proxytap.policy.auth import (
     AuthCache,
     AuthConfig,
@@ -103,7 +104,7 @@ def auth_failed(services: Services, conn: Connection, user: str | None) -> None:
     """A failed authentication (HTTP or SOCKS5): counted as a refusal and a failure, logged."""
     services.refused("auth", "bad credentials")
     services.stats.auth_failures[conn.listener] += 1
-    log.info("client %s:%d authentication failed (user %r)", *conn.client, user)
+    log.info("client %s authentication failed (user %r)", hostport(*conn.client), user)
     if services.auth is not None:
         services.auth.throttle.failed(conn.client[0], time.monotonic())
 

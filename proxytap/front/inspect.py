@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from proxytap.errors import ProtocolError
 from proxytap.flows.table import CloseReason
+from proxytap.hostport import hostport
 from proxytap.proto.fingerprint import ja3, ja4
 from proxytap.proto.tlshello import ClientHello, ClientHelloReader, is_tls_handshake
 
@@ -135,10 +136,9 @@ class HelloInspector(asyncio.Protocol):
         if self.hold:
             flow = self.relay.flow
             log.warning(
-                "tunnel %s:%d -> %s:%d closed: malformed TLS ClientHello (%s)",
-                *flow.client,
-                flow.requested_host,
-                flow.requested_port,
+                "tunnel %s -> %s closed: malformed TLS ClientHello (%s)",
+                hostport(*flow.client),
+                hostport(flow.requested_host, flow.requested_port),
                 reason,
             )
             self._close()

@@ -24,6 +24,7 @@ from proxytap.front.inspect import HelloInspector
 from proxytap.front.modchain import filtering_sides
 from proxytap.front.relay import PendingUpstream, Relay
 from proxytap.front.services import Services
+from proxytap.hostport import hostport
 from proxytap.logstream import access
 from proxytap.modules.api import Context
 from proxytap.modules.chain import Chain
@@ -54,12 +55,11 @@ def relay_tunnel(
         if chain.filters:
             sides = filtering_sides(chain, ctx)
     log.debug(
-        "tunnel %s %s:%d -> %s:%d (%s:%d) open",
+        "tunnel %s %s -> %s (%s) open",
         flow.tunnel,
-        *flow.client,
-        flow.requested_host,
-        flow.requested_port,
-        *flow.server,
+        hostport(*flow.client),
+        hostport(flow.requested_host, flow.requested_port),
+        hostport(*flow.server),
     )
     relay.start(
         client,
@@ -83,12 +83,11 @@ def _inspector(services: Services, relay: Relay) -> HelloInspector:
         services.stats.sni_mismatches += 1
         if tls.sni_mismatch != "allow":
             log.warning(
-                "sni mismatch (%s): %s %s:%d asked for %s:%d, its ClientHello names %s",
+                "sni mismatch (%s): %s %s asked for %s, its ClientHello names %s",
                 tls.sni_mismatch,
                 flow.tunnel,
-                *flow.client,
-                flow.requested_host,
-                flow.requested_port,
+                hostport(*flow.client),
+                hostport(flow.requested_host, flow.requested_port),
                 hello.sni,
             )
 
@@ -103,12 +102,11 @@ def finished(services: Services, relay: Relay, reason: CloseReason) -> None:
     services.table.close_connection(flow.outer)
     services.live.discard(relay)
     access(
-        "tunnel %s %s:%d -> %s:%d (%s:%d) %s up=%d down=%d %.3fs",
+        "tunnel %s %s -> %s (%s) %s up=%d down=%d %.3fs",
         flow.tunnel,
-        *flow.client,
-        flow.requested_host,
-        flow.requested_port,
-        *flow.server,
+        hostport(*flow.client),
+        hostport(flow.requested_host, flow.requested_port),
+        hostport(*flow.server),
         reason.value,
         flow.bytes_up,
         flow.bytes_down,

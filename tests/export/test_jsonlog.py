@@ -356,7 +356,7 @@ async def test_sighup_reopens_the_flow_log(origin: Origin, tmp_path: Path) -> No
         assert rc == 0 and body == b"hello GET /hello", err
 
     try:
-        socks = (await until(r"listening: socks socks on (\S+)")).group(1)
+        socks = (await until(r"listening: socks on (\S+)")).group(1)
         await until("proxytap ready")
         await one_request()
         await wait_for(lambda: path.exists() and path.stat().st_size > 0, 5)

@@ -334,7 +334,7 @@ class Proxy:
         poll(ready, within, "proxytap ready")
         text = self.log_text()
         for name in ("http", "socks"):
-            m = re.search(rf"listening: {name} {name} on (\S+):(\d+)", text)
+            m = re.search(rf"listening: {name} on (\S+):(\d+)", text)
             assert m, text
             setattr(self, name, (m[1], int(m[2])))
         m = re.search(r"admin: serving (http://\S+)/metrics", text)

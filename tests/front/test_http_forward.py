@@ -1450,7 +1450,7 @@ async def test_access_line_bytes_equal_the_flow_logs(origin: Origin, tmp_path: P
 
     size = 64 << 20
     try:
-        port = int((await line_matching(re.compile(r"listening: http http on \S+:(\d+)")))[1])
+        port = int((await line_matching(re.compile(r"listening: http on \S+:(\d+)")))[1])
         await line_matching(re.compile("proxytap ready"))
         proxy_url = f"http://127.0.0.1:{port}"
         out = tmp_path / "down"

@@ -332,7 +332,7 @@ async def test_near_the_open_file_limit_new_connections_are_refused_cleanly(
 
         drain = asyncio.get_running_loop().create_task(read_rest())
         text = "".join(lines)
-        http = ("127.0.0.1", int(found(r"listening: http http on 127\.0\.0\.1:(\d+)", text)[1]))
+        http = ("127.0.0.1", int(found(r"listening: http on 127\.0\.0\.1:(\d+)", text)[1]))
         admin = found(r"admin: serving (http://\S+/metrics)", text)[1]
         budget = found(
             rf"open-file limit {NOFILE}: up to ~(\d+) client connections "
