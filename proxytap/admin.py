@@ -305,18 +305,20 @@ class AdminServer:
             }
         )
 
-    def _ca(self) -> CA | None:
-        return ca_lib.load(Path(self.app.config.tls.ca_dir))
-
-    async def ca_file(self, request: web.Request) -> web.Response:
-        """``/ca.pem``, ``/ca.der``, ``/ca.p12``: the CA certificate (never its key)."""
+    def _ca(self) -> CA | web.Response:
+        """The CA in tls.ca_dir, or the error answer when there is none (or it is broken)."""
         try:
-            ca = self._ca()
+            ca = ca_lib.load(Path(self.app.config.tls.ca_dir))
         except ConfigError as exc:
             log.warning("admin: the CA cannot be served: %s", exc)
             return _error(500, "the CA in tls.ca_dir cannot be read; see the proxy's log")
-        if ca is None:
-            return _error(404, NO_CA)
+        return _error(404, NO_CA) if ca is None else ca
+
+    async def ca_file(self, request: web.Request) -> web.Response:
+        """``/ca.pem``, ``/ca.der``, ``/ca.p12``: the CA certificate (never its key)."""
+        ca = self._ca()
+        if isinstance(ca, web.Response):
+            return ca
         fmt = request.path.rpartition(".")[2]
         return web.Response(
             body=ca.export(fmt),
@@ -326,13 +328,9 @@ class AdminServer:
 
     async def ca_page(self, request: web.Request) -> web.Response:
         """``/ca``: how to install the CA on each kind of client, with its fingerprint."""
-        try:
-            ca = self._ca()
-        except ConfigError as exc:
-            log.warning("admin: the CA cannot be served: %s", exc)
-            return _error(500, "the CA in tls.ca_dir cannot be read; see the proxy's log")
-        if ca is None:
-            return _error(404, NO_CA)
+        ca = self._ca()
+        if isinstance(ca, web.Response):
+            return ca
         return web.Response(text=onboarding.page(ca, "/"), content_type="text/html")
 
 

@@ -6,8 +6,10 @@ import asyncio
 import dataclasses
 import hashlib
 import random
+import re
 import socket
 import ssl
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -381,3 +383,35 @@ async def check_curl_upload(
     rc, body, err = await curl(*client, "--fail", "--data-binary", f"@{up}", "-H", header, url)
     assert rc == 0, err
     assert body.decode() == f"{size} {pattern_sha256(size)}"
+
+
+PROXYTAP = (sys.executable, "-m", "proxytap")
+
+
+async def start_proxytap(
+    *args: str,
+) -> tuple[asyncio.subprocess.Process, dict[str, int], list[str]]:
+    """``proxytap run ARGS`` as a real process, once ready: it, its listeners' ports, its lines.
+
+    The ports come from the start-up lines (``listening: NAME on 127.0.0.1:PORT``).
+    The caller stops the process.
+    """
+    proc = await asyncio.create_subprocess_exec(
+        *PROXYTAP,
+        "run",
+        *args,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    ports: dict[str, int] = {}
+    lines: list[str] = []
+    while True:
+        line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
+        assert line, f"proxytap exited early: {lines}"
+        lines.append(line)
+        m = re.search(r"listening: (\S+)(?: \(\S+\))? on 127\.0\.0\.1:(\d+)", line)
+        if m:
+            ports[m.group(1)] = int(m.group(2))
+        if "proxytap ready" in line:
+            return proc, ports, lines

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from proxytap import __version__
-from tests.conftest import Origin, run
+from tests.conftest import Origin, run, start_proxytap
 
 ROOT = Path(__file__).resolve().parent.parent
 PROXYTAP = [sys.executable, "-m", "proxytap"]
@@ -70,30 +70,8 @@ async def test_bad_config_is_one_clear_line(tmp_path: Path) -> None:
             assert expected in lines[0], (expected, lines[0])
 
 
-async def _start(*args: str) -> tuple[asyncio.subprocess.Process, dict[str, int], list[str]]:
-    proc = await asyncio.create_subprocess_exec(
-        *PROXYTAP,
-        "run",
-        *args,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stderr is not None
-    ports: dict[str, int] = {}
-    lines: list[str] = []
-    while True:
-        line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
-        assert line, f"proxytap exited early: {lines}"
-        lines.append(line)
-        m = re.search(r"listening: (\S+)(?: \(\S+\))? on 127\.0\.0\.1:(\d+)", line)
-        if m:
-            ports[m.group(1)] = int(m.group(2))
-        if "proxytap ready" in line:
-            return proc, ports, lines
-
-
 async def test_run_serves_and_sigterm_drains_then_exits_zero(origin: Origin) -> None:
-    proc, ports, _ = await _start(
+    proc, ports, _ = await start_proxytap(
         "--http",
         "127.0.0.1:0",
         "--socks",
@@ -173,7 +151,7 @@ async def test_second_sigterm_during_the_drain_stops_at_once(
 ) -> None:
     cfg = tmp_path / "grace.toml"
     cfg.write_text("[timeouts]\nshutdown_grace = 120.0\n")  # far longer than the wait below
-    proc, ports, _ = await _start(
+    proc, ports, _ = await start_proxytap(
         "--config", str(cfg), "--http", "127.0.0.1:0", "--admin", "off",
         "--allow-dest", "127.0.0.0/8", "--connect-ports", "1-65535",
     )  # fmt: skip

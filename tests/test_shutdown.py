@@ -11,39 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import signal
 import socket
-import sys
 from pathlib import Path
 
 from proxytap.proto.sftap import DESTROYED, decode_text
+from tests.conftest import start_proxytap
 from tests.export.sftap_helpers import short_tmp
-
-PROXYTAP = (sys.executable, "-m", "proxytap")
-
-
-async def _start(config: Path) -> tuple[asyncio.subprocess.Process, dict[str, int]]:
-    proc = await asyncio.create_subprocess_exec(
-        *PROXYTAP,
-        "run",
-        "--config",
-        str(config),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stderr is not None
-    ports: dict[str, int] = {}
-    lines: list[str] = []
-    while True:
-        line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
-        assert line, f"proxytap exited early: {lines}"
-        lines.append(line)
-        m = re.search(r"listening: (\S+)(?: \(\S+\))? on 127\.0\.0\.1:(\d+)", line)
-        if m:
-            ports[m.group(1)] = int(m.group(2))
-        if "proxytap ready" in line:
-            return proc, ports
 
 
 async def _socks5(port: int, dest_port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -110,7 +84,7 @@ flows = "{flowlog}"
 address = "off"
 """
         )
-        proc, ports = await _start(config)
+        proc, ports, _ = await start_proxytap("--config", str(config))
         try:
             tap = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             tap.connect(str(home / "tcp" / "default"))
