@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from proxytap.config import (
     parse_hostport,
 )
 from proxytap.errors import ConfigError
-from proxytap.policy.acl import AccessConfig
+from proxytap.policy.acl import _RULE_KEYS, AccessConfig
 from proxytap.policy.auth import AuthConfig
 from proxytap.policy.headers import DEFAULT_METHODS, HttpConfig
 
@@ -293,3 +295,34 @@ def test_unreadable_and_invalid_files_are_one_line_errors(tmp_path: Path) -> Non
         load(bad)
     assert_one_line(info.value, "config")
     assert "not valid TOML" in info.value.problem
+
+
+def _schema_keys(cls: Any, prefix: str) -> list[tuple[str, str]]:
+    """(dotted key, leaf name) of every key the loader accepts under ``cls``."""
+    out: list[tuple[str, str]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += _schema_keys(hints[f.name], key)
+        else:
+            out.append((key, f.name))
+    return out
+
+
+def test_the_example_config_documents_every_key() -> None:
+    """Every key the loader accepts appears in deploy/proxytap.example.toml (set or commented).
+
+    Derived from the schema, so a key added to a section fails here until it is
+    documented; tables of tables count when their header is shown.
+    """
+    text = EXAMPLE.read_text()
+    keys = _schema_keys(Config, "") + _schema_keys(ListenerConfig, "listeners")
+    keys += [(f"access.rules.{k}", k) for k in sorted(_RULE_KEYS)]
+    undocumented = []
+    for key, leaf in keys:
+        as_value = re.search(rf"^\s*#?\s*{re.escape(leaf)}\s*=", text, re.M)
+        as_table = re.search(rf"^\s*#?\s*\[\[?{re.escape(key)}[\].]", text, re.M)
+        if not (as_value or as_table):
+            undocumented.append(key)
+    assert undocumented == [], f"not in {EXAMPLE.name}: {undocumented}"
