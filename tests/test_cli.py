@@ -204,3 +204,14 @@ async def test_startup_lines_name_each_listener_once_ipv6_bracketed(tmp_path: Pa
     assert len(listening) == 2, listening
     assert re.fullmatch(r"http on 127\.0\.0\.1:\d+", listening[0]), listening
     assert re.fullmatch(r"edge \(mixed\) on \[::1\]:\d+", listening[1]), listening
+
+
+def test_readme_calls_the_program_one_way() -> None:
+    """README: `proxytap ...` everywhere (after the one line that puts .venv/bin on PATH)."""
+    text = (ROOT / "README.md").read_text()
+    assert 'export PATH="$PWD/.venv/bin:$PATH"' in text
+    assert text.count(".venv/bin/proxytap") == 1  # where it says what the program is
+    blocks = re.findall(r"```sh\n(.*?)```", text, re.S)
+    lines = [ln for b in blocks for ln in b.splitlines()]
+    commands = [ln.split()[1] for ln in lines if ln.startswith("proxytap ")]
+    assert commands and set(commands) <= {"run", "check-config", "tap", "flows", "ca"}, commands
