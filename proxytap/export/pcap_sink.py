@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, cast
 from proxytap.config import parse_hostport
 from proxytap.export.sink import Sink, SinkStats, known
 from proxytap.flows.table import CloseReason, Endpoint, Flow
+from proxytap.hostport import hostport
 from proxytap.proto.pcap import (
     DEFAULT_MSS,
     DEFAULT_SNAPLEN,
@@ -429,7 +430,7 @@ class _Reader(asyncio.Protocol):
         self.transport.write(header)
         self.sent += len(header)
         self.server.readers.add(self)
-        log.info("pcap-over-ip: reader %s:%d connected", *self.peer)
+        log.info("pcap-over-ip: reader %s connected", hostport(*self.peer))
 
     def data_received(self, data: bytes) -> None:
         pass  # a reader has nothing to say
@@ -443,7 +444,7 @@ class _Reader(asyncio.Protocol):
             self.server._empty.set()
         self.server.sent_by_gone += self.sent
         self.transport = None
-        log.info("pcap-over-ip: reader %s:%d gone", *self.peer)
+        log.info("pcap-over-ip: reader %s gone", hostport(*self.peer))
 
     @property
     def buffered(self) -> int:
@@ -527,7 +528,7 @@ class PcapServer(_PcapFraming):
         self._server = await loop.create_server(lambda: _Reader(self), self.host, self.port)
         sock = self._server.sockets[0].getsockname()
         self.address = (str(sock[0]), int(sock[1]))
-        log.info("pcap-over-ip on %s:%d", *self.address)
+        log.info("pcap-over-ip on %s", hostport(*self.address))
 
     async def stop(self) -> None:
         """Stop accepting; give readers up to a second to take what is queued, then cut."""

@@ -31,6 +31,7 @@ from proxytap.front.http_exchange import (
 from proxytap.front.http_upstream import UpstreamConnection
 from proxytap.front.relay import reset
 from proxytap.front.replies import http_error
+from proxytap.hostport import hostport
 from proxytap.modules.api import Context
 from proxytap.modules.chain import Chain
 
@@ -114,7 +115,7 @@ class HttpEndings(asyncio.Protocol):
         if isinstance(err, Throttled):  # logged once a window (auth_throttled)
             self.reply(None, err.status, err.reason, err.proxy_status, err.retry_after)
             return
-        log.info("http %s:%d refused: %s", *self.conn.client, err.reason)
+        log.info("http %s refused: %s", hostport(*self.conn.client), err.reason)
         if err.status != 407:
             self.services.stats.protocol_errors[(self.conn.listener, "http")] += 1
         self.reply(None, err.status, err.reason, err.proxy_status)
@@ -217,7 +218,7 @@ class HttpEndings(asyncio.Protocol):
 
     def _timed_out(self, busy: bool) -> None:
         if not busy:
-            log.debug("http %s:%d keep-alive timeout", *self.conn.client)
+            log.debug("http %s keep-alive timeout", hostport(*self.conn.client))
             self._close(CloseReason.NORMAL)
             return
         req = self.queue[0] if self.queue else None

@@ -27,6 +27,7 @@ from enum import IntEnum
 from typing import TYPE_CHECKING, Final
 
 from proxytap.errors import ProtocolError
+from proxytap.hostport import hostport
 from proxytap.logstream import access
 from proxytap.modules.api import Context
 from proxytap.policy.message import RequestHead, serialize
@@ -243,11 +244,10 @@ def log_access(client: Endpoint, req: Exchange, now: float) -> None:
     """The access log line: one per request, never payload bytes."""
     to = req.to
     access(
-        "%s:%d %s %s:%d%s %s up=%d down=%d %.3fs",
-        *client,
+        "%s %s %s%s %s up=%d down=%d %.3fs",
+        hostport(*client),
         req.method.decode("latin-1"),
-        to.host,
-        to.port,
+        hostport(to.host, to.port),
         to.path.partition(b"?")[0].decode("latin-1"),
         req.status or "-",
         req.up_bytes,

@@ -83,6 +83,7 @@ from proxytap.front.http_exchange import (
 )
 from proxytap.front.http_upstream import UpstreamConnection
 from proxytap.front.replies import http_error
+from proxytap.hostport import hostport
 from proxytap.logstream import access
 from proxytap.modules.api import Context
 
@@ -278,7 +279,7 @@ class HttpForwarder(HttpEndings):
     def head_late(self) -> None:
         """A head did not arrive within ``timeouts.handshake`` (the reader's timer)."""
         if self.phase is _HTTP and self.broken is None:
-            log.info("http %s:%d: request head too slow", *self.conn.client)
+            log.info("http %s: request head too slow", hostport(*self.conn.client))
             self.request_error(refusal("the request head did not arrive in time", 408))
             self.update_reading()
 
@@ -448,7 +449,7 @@ class HttpForwarder(HttpEndings):
         keep = req.keep = self.keeps(req)
         err = req.denial
         if err is not None:
-            log.info("http %s:%d refused: %s", *self.conn.client, err.reason)
+            log.info("http %s refused: %s", hostport(*self.conn.client), err.reason)
             req.status = err.status
             answer = http_error(
                 self.services.config,

@@ -265,7 +265,7 @@ class UpstreamConnection(ResponseReader):
             return
         req = self.req
         if req is None or self.stray:
-            log.debug("http upstream %s:%d sent bytes out of turn", self.host, self.port)
+            log.debug("http upstream %s sent bytes out of turn", hostport(self.host, self.port))
             self.close(CloseReason.ERROR)
             return
         self.got += len(data)
@@ -288,7 +288,7 @@ class UpstreamConnection(ResponseReader):
 
     def _broken(self, req: Exchange, exc: BadResponse) -> None:
         """The origin broke HTTP while answering ``req``."""
-        log.info("http upstream %s:%d: %s", self.host, self.port, exc.reason)
+        log.info("http upstream %s: %s", hostport(self.host, self.port), exc.reason)
         if exc.status != 502:  # a module refused the response, or failed
             self.error = (exc.status, exc.reason, exc.proxy_status)
         elif exc.proxy_status == TOO_LARGE:
@@ -336,10 +336,10 @@ class UpstreamConnection(ResponseReader):
             return
         if self._retriable(req) and self.fwd.retry(req):
             # the origin dropped a kept connection just as we reused it: once more, fresh
-            log.debug("http upstream %s:%d closed a reused connection; retried", *self.key)
+            log.debug("http upstream %s closed a reused connection; retried", hostport(*self.key))
             return
         if exc is not None:
-            log.info("http upstream %s:%d reset", self.host, self.port)
+            log.info("http upstream %s reset", hostport(self.host, self.port))
         self.error = (
             502,
             "the destination closed the connection before a complete response",
@@ -399,11 +399,10 @@ class UpstreamConnection(ResponseReader):
             flow.valve = None
             self.services.flow_closed(flow, reason, time.time())
             log.debug(
-                "http flow %s:%d -> %s:%d (%s:%d) %s up=%d down=%d",
-                *flow.client,
-                self.host,
-                self.port,
-                *flow.server,
+                "http flow %s -> %s (%s) %s up=%d down=%d",
+                hostport(*flow.client),
+                hostport(self.host, self.port),
+                hostport(*flow.server),
                 reason.value,
                 flow.bytes_up,
                 flow.bytes_down,
