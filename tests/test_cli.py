@@ -215,3 +215,39 @@ def test_readme_calls_the_program_one_way() -> None:
     lines = [ln for b in blocks for ln in b.splitlines()]
     commands = [ln.split()[1] for ln in lines if ln.startswith("proxytap ")]
     assert commands and set(commands) <= {"run", "check-config", "tap", "flows", "ca"}, commands
+
+
+async def test_ipv6_addresses_are_bracketed_in_log_lines(origin6: Origin) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *PROXYTAP, "run", "--http", "[::1]:0", "--admin", "off", "--allow-dest", "::1/128",
+        "--connect-ports", "1-65535",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    lines: list[str] = []
+    try:
+        port = 0
+        while "proxytap ready" not in (lines[-1] if lines else ""):
+            line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
+            assert line, f"proxytap exited early: {lines}"
+            lines.append(line)
+            if m := re.search(r"listening: http on \[::1\]:(\d+)$", line.strip()):
+                port = int(m.group(1))
+        assert port, lines
+        for extra in ((), ("-p",)):  # plain HTTP, then a CONNECT tunnel
+            rc, body, err = await run(
+                "curl", "-sS", *extra, "-x", f"http://[::1]:{port}",
+                f"http://[::1]:{origin6.port}/hello",
+            )  # fmt: skip
+            assert rc == 0 and body == b"hello GET /hello", err
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = (await asyncio.wait_for(proc.stderr.read(), 20)).decode()
+        await asyncio.wait_for(proc.wait(), 20)
+    access = [ln for ln in out.splitlines() if "proxytap.access" in ln]
+    dest = f"[::1]:{origin6.port}"
+    plain = [ln for ln in access if f" GET {dest}/hello " in ln]
+    tunnel = [ln for ln in access if ln.split("proxytap.access: ", 1)[1].startswith("tunnel ")]
+    assert len(plain) == 1 and re.search(r"access: \[::1\]:\d+ GET ", plain[0]), access
+    assert len(tunnel) == 1 and f"-> {dest} ({dest})" in tunnel[0], access
+    assert re.search(r"tunnel http-connect \[::1\]:\d+ -> ", tunnel[0]), tunnel
