@@ -40,6 +40,7 @@ import os
 from typing import TYPE_CHECKING, BinaryIO
 
 from proxytap.export.sink import Sink, SinkStats, known
+from proxytap.export.writer import WriterTask
 from proxytap.flows.table import CloseReason, Flow
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ def flow_record(flow: Flow, reason: CloseReason, now: float) -> dict[str, object
     }
 
 
-class JsonFlowLog(Sink):
+class JsonFlowLog(WriterTask, Sink):
     """A hub subscriber appending one JSON line per finished flow to ``path``.
 
     Stats: ``records`` (lines written), ``bytes_written``, ``drops`` and
@@ -116,12 +117,7 @@ class JsonFlowLog(Sink):
         self._pending_bytes = 0
         self._fh: BinaryIO | None = None
         self._size = 0
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._reopen = False
-        self._stopping = False
-        self._task: asyncio.Task[None] | None = None
+        self._init_writer()
         self._failing = False
         self.records = 0
         self.bytes_written = 0
@@ -177,29 +173,7 @@ class JsonFlowLog(Sink):
     async def start(self) -> None:
         """Open the file (an unwritable path stops start-up) and start the writer."""
         self._open()
-        self._stopping = False
-        self._task = asyncio.create_task(self._run(), name=f"{self.name}-writer")
-
-    async def stop(self) -> None:
-        """Write what is buffered, then close the file."""
-        self._stopping = True
-        self._wake.set()
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        self._close()
-
-    def reopen(self) -> None:
-        """Close and reopen the path before the next write (SIGHUP after logrotate)."""
-        self._reopen = True
-        self._wake.set()
-
-    async def flush(self) -> None:
-        """Wait until every record handed over so far is written (or counted as lost)."""
-        while self._pending or not self._idle.is_set():
-            self._wake.set()
-            await asyncio.sleep(0.005)
+        self._start_writer()
 
     # -- the hub's calls -----------------------------------------------------------
 

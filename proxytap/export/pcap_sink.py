@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, cast
 
 from proxytap.config import parse_hostport
 from proxytap.export.sink import Sink, SinkStats, known
+from proxytap.export.writer import WriterTask
 from proxytap.flows.table import CloseReason, Endpoint, Flow
 from proxytap.hostport import hostport
 from proxytap.proto.pcap import (
@@ -149,7 +150,7 @@ class _PcapFraming(Sink):
         self.dropped_bytes[reason] = self.dropped_bytes.get(reason, 0) + size
 
 
-class PcapFileSink(_PcapFraming):
+class PcapFileSink(WriterTask, _PcapFraming):
     """Rotating pcap files in ``directory``, written from a worker thread.
 
     Stats: ``packets`` and ``bytes_written`` (what reached a file),
@@ -180,12 +181,7 @@ class PcapFileSink(_PcapFraming):
         # (records, packets, payload bytes) per hub event, waiting for the writer
         self._pending: list[tuple[bytes, int, int]] = []
         self._pending_bytes = 0
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
-        self._reopen = False
+        self._init_writer()
         # the open file: only the writer (its thread, or the task between thread calls)
         self._fd: int | None = None
         self._size = 0
@@ -247,29 +243,7 @@ class PcapFileSink(_PcapFraming):
             os.makedirs(self.directory, mode=DIR_MODE, exist_ok=True)
         except OSError as exc:
             self._failed(f"cannot create {self.directory}: {exc.strerror}")
-        self._stopping = False
-        self._task = asyncio.create_task(self._run(), name=f"{self.name}-writer")
-
-    async def stop(self) -> None:
-        """Write what is buffered, then close the file."""
-        self._stopping = True
-        self._wake.set()
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        self._close()
-
-    def reopen(self) -> None:
-        """SIGHUP: the next packets go to a new file."""
-        self._reopen = True
-        self._wake.set()
-
-    async def flush(self) -> None:
-        """Wait until every packet handed over so far is written (or counted as lost)."""
-        while self._pending or not self._idle.is_set():
-            self._wake.set()
-            await asyncio.sleep(0.005)
+        self._start_writer()
 
     # -- framing side --------------------------------------------------------------------
 
