@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING
 
 from proxytap.errors import ConfigError
 from proxytap.export.channel import MIN_SNDBUF, OVERLOAD_POLICIES, Channel, Totals
-from proxytap.export.sink import Sink, SinkStats, known
+from proxytap.export.sink import Sink, SinkStats, event_counts, known
 from proxytap.flows.table import UP, CloseReason, Endpoint, Flow
 from proxytap.proto.sftap import (
     LOOPBACK7_CHUNK,
@@ -241,11 +241,7 @@ class Loopback7Writer(Sink):
             connected=int(self.link_up),
             buffered=self.buffered,
             flows=self.flows,
-            events={
-                "created": created,
-                "data": totals.events_sent - created - destroyed,
-                "destroyed": destroyed,
-            },
+            events=event_counts(totals.events_sent, created, destroyed),
             bytes_sent=totals.bytes_sent,
             drops=known(DROP_REASONS, _merged(self._drops, totals.drops)),
             dropped_bytes=known(DROP_REASONS, _merged(self._dropped_bytes, totals.dropped_bytes)),

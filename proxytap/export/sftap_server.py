@@ -74,7 +74,7 @@ from proxytap.export.channel import (
     Totals,
     size_sndbuf,
 )
-from proxytap.export.sink import Sink, SinkStats, known
+from proxytap.export.sink import Sink, SinkStats, event_counts, known
 from proxytap.flows.table import UP, CloseReason, Endpoint, Flow
 from proxytap.proto.classify import DEFAULT, Classifier, interfaces
 from proxytap.proto.sftap import (
@@ -140,7 +140,6 @@ class Reader:
             sndbuf=owner.sndbuf,
             on_closed=self._closed,
         )
-        self.cut_events = 0
 
     def _closed(self, channel: Channel, why: str | None) -> None:
         if not self.lost.done():
@@ -484,11 +483,7 @@ class SftapServer(Sink):
             connected=len(readers),
             buffered=sum(r.buffered for r in readers),
             flows=self.flows,
-            events={
-                "created": created,
-                "data": self.events_sent - created - destroyed,
-                "destroyed": destroyed,
-            },
+            events=event_counts(self.events_sent, created, destroyed),
             bytes_sent=self.bytes_sent,
             drops=known(DROP_REASONS, self.drops),
             dropped_bytes=known(DROP_REASONS, self.dropped_bytes),

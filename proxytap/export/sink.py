@@ -42,6 +42,11 @@ class SinkStats:
     detail: dict[str, Any] = field(default_factory=dict)  # kind-specific, for /subscribers
 
 
+def event_counts(sent: int, created: int, destroyed: int) -> dict[str, int]:
+    """SF-TAP events by type, from all sent and the CREATED and DESTROYED among them."""
+    return {"created": created, "data": sent - created - destroyed, "destroyed": destroyed}
+
+
 def known(reasons: tuple[str, ...], seen: dict[str, int]) -> dict[str, int]:
     """``seen`` with every reason of ``reasons`` present (0 when never seen)."""
     out = dict.fromkeys(reasons, 0)
@@ -82,4 +87,4 @@ class Sink(abc.ABC):
     def stats(self) -> SinkStats: ...
 
 
-__all__ = ["Sink", "SinkStats", "known"]
+__all__ = ["Sink", "SinkStats", "event_counts", "known"]

@@ -334,7 +334,7 @@ def data_head(key: FlowKey, from_: int | None, match: str, *, vlan: int | None =
     """The part of a DATA line that is fixed for one flow and direction, up to ``len=``.
 
     Sinks compute it once per flow and direction and finish each line with
-    ``data_message``, so the hot path formats only the length and the time.
+    ``data_line``, so the hot path formats only the length and the time.
     """
     f = b"none" if from_ is None else b"%d" % from_
     return key.head_for(vlan) + b",event=DATA,from=%s,match=%s,len=" % (f, match.encode("ascii"))
@@ -343,11 +343,6 @@ def data_head(key: FlowKey, from_: int | None, match: str, *, vlan: int | None =
 def data_line(head: bytes, length: int, t: float) -> bytes:
     """The text DATA header line for a body of ``length`` bytes (``head`` from ``data_head``)."""
     return head + b"%d,time=%.17g\n" % (length, t)
-
-
-def data_message(head: bytes, body: bytes | memoryview, t: float) -> bytes:
-    """A whole text DATA event, header line and body, as one buffer (one write)."""
-    return data_line(head, len(body), t) + body
 
 
 def encode_data(
@@ -641,7 +636,6 @@ __all__ = [
     "FlowHeaders",
     "FlowKey",
     "data_head",
-    "data_message",
     "decode_binary",
     "decode_text",
     "encode_binary",
