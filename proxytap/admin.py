@@ -112,6 +112,8 @@ def flow_json(flow: Flow, now: float) -> dict[str, Any]:
         "http_host": flow.http_host,
         "user": outer.user,
         "decrypted": flow.decrypted,
+        "tls_version": flow.tls_version,
+        "tls_cipher": flow.tls_cipher,
     }
 
 

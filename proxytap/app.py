@@ -67,6 +67,7 @@ class App:
                 raise
             self.hub.subscribe(sink)
         try:
+            await self.start_engine()
             admin = self.config.admin
             if admin.enabled:
                 self.admin = AdminServer(self, admin.host, admin.port, token=admin.token)
@@ -82,6 +83,22 @@ class App:
                 kind = "" if listener.name == listener.kind else f" ({listener.kind})"
                 log.info("listening: %s%s on %s", listener.name, kind, hostport(host, port))
         self._budget_files()
+
+    async def start_engine(self) -> None:
+        """The TLS engine, when some tunnel may be intercepted (imported only then: it is big)."""
+        services = self.services
+        if services.engine is not None or not services.interception.enabled:
+            return
+        from proxytap.intercept.engine import Engine
+
+        engine = Engine(services)
+        await engine.start()
+        services.engine = engine
+        log.info(
+            "TLS interception on (CA in %s): %s",
+            engine.ca_dir,
+            ", ".join(self.config.tls.intercept),
+        )
 
     def _budget_files(self) -> None:
         """Measure what the open-file limit leaves for client connections, and say it."""

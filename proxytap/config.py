@@ -23,6 +23,7 @@ from proxytap.export.channel import MIN_SNDBUF, OVERLOAD_POLICIES
 from proxytap.policy.acl import AccessConfig
 from proxytap.policy.auth import AuthConfig
 from proxytap.policy.headers import HttpConfig
+from proxytap.policy.intercept import InterceptPolicy
 from proxytap.proto.pcap import MAX_MSS
 
 LISTENER_KINDS = ("http", "socks", "mixed")
@@ -177,10 +178,28 @@ class TlsCheckConfig:
     # the interception CA's directory (proxytap ca init): relative paths are from the
     # working directory, so a checkout's `make run` uses its certs/
     ca_dir: str = "certs"
+    # Interception (proxytap.policy.intercept): host patterns ("a.b" exact, "*.a.b" below
+    # it, ".a.b" both, "~REGEX" the whole name, "*" every host) decided on the ClientHello's
+    # SNI (else the CONNECT / SOCKS host). Empty ``intercept``: nothing is decrypted.
+    intercept: tuple[str, ...] = ()
+    passthrough: tuple[str, ...] = ()  # never intercepted (wins over ``intercept``)
+    intercept_clients: tuple[str, ...] = ()  # CIDRs; only these clients (empty: every client)
+    passthrough_clients: tuple[str, ...] = ()  # CIDRs never intercepted
+    verify_upstream: bool = True  # check origin certificates (never turn off in production)
+    upstream_ca: str | None = None  # PEM bundle origins are verified against (default: certifi)
+    http2: bool = True  # offer HTTP/2 to intercepted clients when the origin speaks it
+    export_ciphertext: bool = False  # also export an intercepted client leg's TLS bytes (tcp/ssl)
+    # a client that rejects proxytap's certificate (pinning, no trust) gets that host passed
+    # through untouched for this many seconds; 0: never
+    pinning_fail_open: float = 3600.0
+    keylog_file: str | None = None  # SSLKEYLOGFILE-format TLS secrets of intercepted sessions
 
     def validate(self, key: str) -> None:
         if not self.ca_dir:
             raise ConfigError(f"{key}.ca_dir", "must name a directory")
+        if self.pinning_fail_open < 0:
+            raise ConfigError(f"{key}.pinning_fail_open", "must be >= 0 (0: never)")
+        InterceptPolicy.from_config(self, key)
         if self.sni_mismatch not in SNI_MISMATCH:
             raise ConfigError(f"{key}.sni_mismatch", "must be allow, log or deny")
         if self.inspect_timeout <= 0:

@@ -86,6 +86,8 @@ def flow_record(flow: Flow, reason: CloseReason, now: float) -> dict[str, object
         "user": outer.user,
         "close_reason": reason.value,
         "decrypted": flow.decrypted,
+        "tls_version": flow.tls_version,
+        "tls_cipher": flow.tls_cipher,
     }
 
 

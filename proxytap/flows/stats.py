@@ -93,6 +93,12 @@ class Stats:
         # listener -> attempts refused unchecked (too many failures from the address)
         self.auth_throttled: Counter[str] = Counter()
         self.sni_mismatches = 0
+        # TLS interception: (outcome, reason) -> tunnels decided (intercepted / passthrough),
+        # and ("intercepted", "tls") client handshakes done, ("refused", "request"|"response")
+        self.intercept: Counter[tuple[str, str]] = Counter()
+        self.intercept_requests: Counter[str] = Counter()  # http1 / http2 -> exchanges done
+        self.intercept_upstream_errors: Counter[str] = Counter()  # origin TLS failures by reason
+        self.intercept_client_failures: Counter[str] = Counter()  # rejected / other
         # module name -> hook calls that raised (or broke a head) and failed closed
         self.module_errors: Counter[str] = Counter()
         # (listener, stage) -> client connections closed by a handshake deadline;

@@ -123,6 +123,8 @@ class Flow:
         "start",
         "state",
         "tap",
+        "tls_cipher",
+        "tls_version",
         "uid",
         "valve",
     )
@@ -161,7 +163,9 @@ class Flow:
         self.ja3: str | None = None  # MD5 hex of the JA3 string
         self.ja4: str | None = None
         self.http_host: str | None = None
-        self.decrypted = False
+        self.decrypted = False  # intercepted: the bytes exported are the decrypted ones
+        self.tls_version: str | None = None  # of the client leg, when intercepted
+        self.tls_cipher: str | None = None
         self.tap: object | None = None  # per-flow state owned by the export hub
         # Lossless export (overload "wait"): the sinks that are behind on this flow
         # hold it; while any does, its ``valve`` (the relay) reads neither side.

@@ -7,8 +7,12 @@ flow, compares the SNI with the host the client asked the proxy for (CONNECT
 target, SOCKS4a / SOCKS5 name), and then
 either hands everything to the relay or, with ``sni_mismatch = "deny"``,
 closes the tunnel before a single byte of the hello reaches the destination
-(domain fronting and smuggled destinations show up here). Only the first
-bytes of a tunnel pass through this; the relay's hot path is untouched.
+(domain fronting and smuggled destinations show up here). When TLS
+interception may apply to the client (``proxytap.policy.intercept``), the
+hello is held too, and the verdict on its SNI may hand the tunnel, hello
+included, to the TLS engine instead of the relay; bytes that are not a
+ClientHello always go to the relay. Only the first bytes of a tunnel pass
+through this; the relay's hot path is untouched.
 """
 
 from __future__ import annotations
@@ -55,10 +59,11 @@ def sni_mismatch(requested_host: str, sni: str | None) -> bool:
 class HelloInspector(asyncio.Protocol):
     """The client transport's protocol until the first bytes are judged.
 
-    With ``sni_mismatch = "deny"`` the bytes are held until the verdict (at most
-    one ClientHello, bounded by the reader, or ``timeout`` seconds). Otherwise
-    every chunk goes on to the relay at once and the reader only looks at it,
-    so "allow" and "log" add no latency and need no timer.
+    With ``sni_mismatch = "deny"``, or an ``intercept`` callback, the bytes are
+    held until the verdict (at most one ClientHello, bounded by the reader, or
+    ``timeout`` seconds). Otherwise every chunk goes on to the relay at once and
+    the reader only looks at it, so "allow" and "log" add no latency and need
+    no timer. ``intercept(hello, held)`` returns True when it took the tunnel.
     """
 
     def __init__(
@@ -67,9 +72,12 @@ class HelloInspector(asyncio.Protocol):
         mode: str,
         timeout: float,
         on_mismatch: Callable[[ClientHello], None],
+        intercept: Callable[[ClientHello, bytes], bool] | None = None,
     ) -> None:
         self.relay = relay
-        self.hold = mode == "deny"
+        self.strict = mode == "deny"
+        self.intercept = intercept
+        self.hold = self.strict or intercept is not None
         self.reader = ClientHelloReader()
         self.seen = bytearray()  # the first bytes, until the verdict
         self.fed = 0  # how much of ``seen`` the hello reader has had
@@ -127,13 +135,23 @@ class HelloInspector(asyncio.Protocol):
         flow.ja4 = ja4(hello)
         if sni_mismatch(flow.requested_host, hello.sni):
             self.on_mismatch(hello)
-            if self.hold:
+            if self.strict:
                 self._close()
+                return
+        intercept = self.intercept
+        # a destination that spoke first is not a TLS server waiting for this hello
+        if intercept is not None and flow.bytes_down == 0 and not self.relay.closed:
+            held = bytes(self.seen)
+            if intercept(hello, held):
+                self.decided = True
+                if self.timer is not None:
+                    self.timer.cancel()
+                self.seen = bytearray()
                 return
         self._release()
 
     def _not_a_hello(self, reason: str) -> None:
-        if self.hold:
+        if self.strict:
             flow = self.relay.flow
             log.warning(
                 "tunnel %s -> %s closed: malformed TLS ClientHello (%s)",

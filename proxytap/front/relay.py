@@ -29,6 +29,7 @@ from proxytap.flows.table import DOWN, UP, CloseReason, Flow, State
 
 if TYPE_CHECKING:
     from proxytap.export.hub import Hub
+    from proxytap.modules.api import Context
 
 _LINGER_RST = struct.pack("ii", 1, 0)
 EARLY_LIMIT = 64 << 10  # bytes read from a side before the relay starts; then reading pauses
@@ -175,6 +176,7 @@ class Relay:
         "_seen",
         "_timer",
         "closed",
+        "ctx",
         "down",
         "flow",
         "held",
@@ -197,6 +199,7 @@ class Relay:
         self.on_done = on_done
         self.closed = False
         self.held = False  # an export consumer under the "wait" policy is behind
+        self.ctx: Context | None = None  # the tunnel's module context (the TLS engine uses it)
         self._seen = 0
         self._timer: asyncio.TimerHandle | None = None
         self.up: _Side
@@ -287,6 +290,19 @@ class Relay:
         are reset, so neither peer takes the cut for a normal end."""
         if force:
             self.finish(CloseReason.SHUTDOWN)
+
+    def detach(self) -> None:
+        """Let go of both transports without closing them (the TLS engine takes them over).
+
+        ``on_done`` is then the new owner's to call when the tunnel ends.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        self.flow.valve = None
+        if self._timer is not None:
+            self._timer.cancel()
+        self.up.relay = self.down.relay = _FINISHED
 
     def finish(self, reason: CloseReason, cause: _Side | None = None) -> None:
         """Close both sides once; a reset on one side resets the other; shutdown resets both."""

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from proxytap.config import Config
 from proxytap.errors import Failure, UpstreamError
@@ -29,6 +29,10 @@ from proxytap.modules.chain import Chain
 from proxytap.modules.loader import build_chains, header_rules
 from proxytap.policy.acl import ClientAcl, DestinationPolicy, build_policy, refusal_text
 from proxytap.policy.headers import HeaderRules
+from proxytap.policy.intercept import InterceptPolicy, PinMemory
+
+if TYPE_CHECKING:
+    from proxytap.intercept.engine import Engine
 
 log = logging.getLogger("proxytap")
 
@@ -104,12 +108,17 @@ class Services:
     fd_log: LogWindow = field(default_factory=LogWindow)
     # client address -> its connections that have sent nothing yet, oldest first
     silent: dict[str, dict[Silent, None]] = field(default_factory=dict)
+    interception: InterceptPolicy = field(init=False)  # tls.intercept / tls.passthrough
+    pins: PinMemory = field(init=False)  # clients that rejected proxytap's certificate
+    engine: Engine | None = None  # the TLS engine (App.start), when interception is on
 
     def __post_init__(self) -> None:
         cfg = self.config
         self.clients, self.destinations = build_policy(cfg.access)
         self.auth = Authenticator.from_config(cfg.auth)
         self.rules = header_rules(cfg)
+        self.interception = InterceptPolicy.from_config(cfg.tls)
+        self.pins = PinMemory(cfg.tls.pinning_fail_open)
         # loads user modules: a ConfigError here stops start-up
         self.chains = build_chains(cfg, self.rules, self.stats.module_errors)
 

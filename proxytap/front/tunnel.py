@@ -47,6 +47,7 @@ def relay_tunnel(
 ) -> Relay:
     """Start relaying the tunnel of ``flow``; ``early``: client bytes sent before the reply."""
     relay = Relay(flow, services.hub, services.config.timeouts.idle, done)
+    relay.ctx = ctx
     services.live.add(relay)
     sides = None
     if ctx is not None:
@@ -91,7 +92,24 @@ def _inspector(services: Services, relay: Relay) -> HelloInspector:
                 hello.sni,
             )
 
-    return HelloInspector(relay, tls.sni_mismatch, tls.inspect_timeout, mismatch)
+    intercept = None
+    engine = services.engine
+    if engine is not None and services.interception.may_intercept(relay.flow.client[0]):
+
+        def intercept(hello: ClientHello, held: bytes) -> bool:
+            flow = relay.flow
+            host = hello.sni or flow.requested_host
+            verdict = services.interception.decide(
+                flow.client[0], host, services.pins, time.monotonic()
+            )
+            outcome = "intercepted" if verdict.intercept else "passthrough"
+            services.stats.intercept[(outcome, verdict.reason)] += 1
+            if not verdict.intercept:
+                return False
+            engine.take(relay, hello, held)
+            return True
+
+    return HelloInspector(relay, tls.sni_mismatch, tls.inspect_timeout, mismatch, intercept)
 
 
 def finished(services: Services, relay: Relay, reason: CloseReason) -> None:
