@@ -81,7 +81,13 @@ class App:
         for listener in self.config.listeners:
             for host, port in self.addresses(listener.name):
                 kind = "" if listener.name == listener.kind else f" ({listener.kind})"
-                log.info("listening: %s%s on %s", listener.name, kind, hostport(host, port))
+                behind = ""
+                if listener.proxy_protocol:
+                    trusted = ", ".join(listener.proxy_protocol_from)
+                    behind = f", PROXY protocol from {trusted}"
+                log.info(
+                    "listening: %s%s on %s%s", listener.name, kind, hostport(host, port), behind
+                )
         self._budget_files()
 
     async def start_engine(self) -> None:

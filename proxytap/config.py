@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from proxytap.errors import ConfigError, unknown_key
 from proxytap.export.channel import MIN_SNDBUF, OVERLOAD_POLICIES
-from proxytap.policy.acl import AccessConfig
+from proxytap.policy.acl import AccessConfig, parse_network
 from proxytap.policy.auth import AuthConfig
 from proxytap.policy.headers import HttpConfig
 from proxytap.policy.intercept import InterceptPolicy
@@ -62,6 +62,10 @@ class ListenerConfig:
     client_to_server: tuple[str, ...] | None = None
     server_to_client: tuple[str, ...] | None = None
 
+    # PROXY protocol v1/v2 behind a load balancer (front/proxyheader.py): every connection
+    # starts with a header naming the real client; only proxy_protocol_from may connect
+    proxy_protocol: bool = False
+    proxy_protocol_from: tuple[str, ...] = ()  # the balancers' addresses (CIDRs)
     @property
     def host(self) -> str:
         return parse_hostport(self.address, "listeners.address")[0]
@@ -88,6 +92,18 @@ class ListenerConfig:
             if len(set(chain)) != len(chain):
                 raise ConfigError(f"{key}.{direction}", "a module is named twice")
 
+        if self.proxy_protocol and not self.proxy_protocol_from:
+            raise ConfigError(
+                f"{key}.proxy_protocol_from",
+                "required with proxy_protocol = true: the load balancers' addresses "
+                '(CIDRs, e.g. ["10.0.0.5/32"]); anyone else could claim any client address',
+            )
+        if self.proxy_protocol_from and not self.proxy_protocol:
+            raise ConfigError(
+                f"{key}.proxy_protocol_from", "has no effect without proxy_protocol = true"
+            )
+        for i, cidr in enumerate(self.proxy_protocol_from):
+            parse_network(cidr, f"{key}.proxy_protocol_from[{i}]")
     def chain(self, direction: str) -> tuple[str, ...]:
         """The module names of ``direction``, ``validate`` first (it is never optional)."""
         names: tuple[str, ...] | None = getattr(self, direction)

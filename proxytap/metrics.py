@@ -34,6 +34,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from proxytap import __version__
 from proxytap.errors import Failure
 from proxytap.flows.stats import LATENCY_BUCKETS, Buckets
+from proxytap.front.chain import STAGES as CHAIN_STAGES
+from proxytap.front.proxyheader import RESULTS as PROXY_HEADER_RESULTS
 from proxytap.front.services import CLIENT_ACL
 from proxytap.policy.acl import CONNECT_PORTS
 
@@ -106,6 +108,13 @@ METRICS: dict[str, tuple[str, str]] = {
     ),
     "proxytap_downstream_silent_evictions_total": (
         "counter",
+    "proxytap_downstream_proxy_headers_total": (
+        "counter",
+        "Connections of proxy_protocol listeners by what became of their PROXY header "
+        "(accepted: the carried client is used; local: valid, the socket's peer is the "
+        "client; untrusted: peer not in proxy_protocol_from, closed unread; malformed; "
+        "timeout; closed: the connection ended before the header)",
+    ),
         "Connections that had sent nothing, closed to make room for a request of the "
         "same client over its connection limit",
     ),
@@ -544,3 +553,8 @@ def register(app: App, registry: CollectorRegistry, *, process: bool = True) -> 
 
 
 __all__ = ["METRICS", "ProxytapCollector", "register", "status_class"]
+        family = _counter("proxytap_downstream_proxy_headers_total", ("listener", "result"))
+        behind = [lst.name for lst in self.app.config.listeners if lst.proxy_protocol]
+        known = {(name, result): 0 for name in behind for result in PROXY_HEADER_RESULTS}
+        _fill(family, {**known, **stats.proxy_headers})
+        yield family

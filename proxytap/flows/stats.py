@@ -110,3 +110,6 @@ class Stats:
         # listener -> client connections accepted and closed at once near the
         # open-file limit
         self.fd_refusals: Counter[str] = Counter()
+        # (listener, result) -> PROXY protocol headers (front/proxyheader.py RESULTS):
+        # accepted, local (the socket's peer is the client), or why the connection was refused
+        self.proxy_headers: Counter[tuple[str, str]] = Counter()

@@ -19,7 +19,7 @@ from typing import cast
 from proxytap.config import ListenerConfig
 from proxytap.errors import Failure, ProtocolError, UpstreamError, classify_os_error
 from proxytap.flows.stats import observe
-from proxytap.flows.table import CloseReason, Connection, endpoint
+from proxytap.flows.table import CloseReason, Connection, Endpoint, endpoint
 from proxytap.front.answers import AUTH_FAILED, Answering, socks_result
 from proxytap.front.authn import auth_failed, auth_throttled, check_proxy_authorization
 from proxytap.front.relay import Early, PendingUpstream, Relay
@@ -109,7 +109,6 @@ class ClientConnection(Answering):
         if services.out_of_files():
             self._no_files()
             return
-        now = time.time()
         try:
             peer = endpoint(transport.get_extra_info("peername"))
             local = endpoint(transport.get_extra_info("sockname"))
@@ -117,11 +116,24 @@ class ClientConnection(Answering):
             transport.abort()
             self.done = True
             return
-        self.conn = services.table.open_connection(peer, local, self.listener.name, now)
+        self.accepted(transport, peer, local)
+
+    def accepted(self, transport: asyncio.Transport, client: Endpoint, local: Endpoint) -> None:
+        """The connection is open and its client known: from here on it is ``conn.client``.
+
+        ``client`` is the socket's peer, or on a ``proxy_protocol`` listener the
+        address the load balancer's PROXY header carried (``front.proxyheader``
+        calls this once the header is read). The client ACL, the connection
+        caps, authentication throttling, flows, exports, logs and metrics all
+        take the client from ``conn.client`` alone, never from the socket.
+        """
+        self.transport = transport
+        services = self.services
+        self.conn = services.table.open_connection(client, local, self.listener.name, time.time())
         # answered once the protocol is known (a precise SOCKS code or HTTP status)
-        self.refusal = services.admit(peer[0])
+        self.refusal = services.admit(client[0])
         services.live.add(self)
-        services.went_silent(peer[0], self)
+        services.went_silent(client[0], self)
         loop = asyncio.get_running_loop()
         timeouts = services.config.timeouts
         if timeouts.first_byte < timeouts.handshake:
@@ -169,6 +181,9 @@ class ClientConnection(Answering):
                 self._refuse(exc)
         else:
             self._close("client closed during handshake")
+        elif self.first_byte < 0:
+            # asked nothing (a port check, a load balancer's health check): not logged
+            self._close("client closed without sending anything", quiet=True)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:

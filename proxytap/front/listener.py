@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
+from collections.abc import Callable
 
 from proxytap.config import ListenerConfig
 from proxytap.front.handshake import ClientConnection
+from proxytap.front.proxyheader import proxy_header_factory
 from proxytap.front.services import Services
 
 
@@ -16,8 +19,13 @@ async def start_listener(services: Services, listener: ListenerConfig) -> asynci
     loop = asyncio.get_running_loop()
     host, port = listener.host, listener.port
     family = socket.AF_INET6 if ":" in host else socket.AF_UNSPEC
+    factory: Callable[[], asyncio.Protocol] = functools.partial(
+        ClientConnection, services, listener
+    )
+    if listener.proxy_protocol:  # behind a load balancer: a PROXY header comes first
+        factory = proxy_header_factory(services, listener)
     server = await loop.create_server(
-        lambda: ClientConnection(services, listener),
+        factory,
         host,
         port,
         family=family,
