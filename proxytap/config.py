@@ -61,11 +61,11 @@ class ListenerConfig:
     # user module (addons/NAME.py, or a path to a .py file). None: ["validate", "rewrite"]
     client_to_server: tuple[str, ...] | None = None
     server_to_client: tuple[str, ...] | None = None
-
     # PROXY protocol v1/v2 behind a load balancer (front/proxyheader.py): every connection
     # starts with a header naming the real client; only proxy_protocol_from may connect
     proxy_protocol: bool = False
     proxy_protocol_from: tuple[str, ...] = ()  # the balancers' addresses (CIDRs)
+
     @property
     def host(self) -> str:
         return parse_hostport(self.address, "listeners.address")[0]
@@ -91,7 +91,6 @@ class ListenerConfig:
                     )
             if len(set(chain)) != len(chain):
                 raise ConfigError(f"{key}.{direction}", "a module is named twice")
-
         if self.proxy_protocol and not self.proxy_protocol_from:
             raise ConfigError(
                 f"{key}.proxy_protocol_from",
@@ -104,6 +103,7 @@ class ListenerConfig:
             )
         for i, cidr in enumerate(self.proxy_protocol_from):
             parse_network(cidr, f"{key}.proxy_protocol_from[{i}]")
+
     def chain(self, direction: str) -> tuple[str, ...]:
         """The module names of ``direction``, ``validate`` first (it is never optional)."""
         names: tuple[str, ...] | None = getattr(self, direction)

@@ -34,7 +34,6 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from proxytap import __version__
 from proxytap.errors import Failure
 from proxytap.flows.stats import LATENCY_BUCKETS, Buckets
-from proxytap.front.chain import STAGES as CHAIN_STAGES
 from proxytap.front.proxyheader import RESULTS as PROXY_HEADER_RESULTS
 from proxytap.front.services import CLIENT_ACL
 from proxytap.policy.acl import CONNECT_PORTS
@@ -106,8 +105,6 @@ METRICS: dict[str, tuple[str, str]] = {
         "(first_byte: sent nothing within timeouts.first_byte; handshake: request "
         "unfinished within timeouts.handshake)",
     ),
-    "proxytap_downstream_silent_evictions_total": (
-        "counter",
     "proxytap_downstream_proxy_headers_total": (
         "counter",
         "Connections of proxy_protocol listeners by what became of their PROXY header "
@@ -115,6 +112,8 @@ METRICS: dict[str, tuple[str, str]] = {
         "client; untrusted: peer not in proxy_protocol_from, closed unread; malformed; "
         "timeout; closed: the connection ended before the header)",
     ),
+    "proxytap_downstream_silent_evictions_total": (
+        "counter",
         "Connections that had sent nothing, closed to make room for a request of the "
         "same client over its connection limit",
     ),
@@ -491,6 +490,11 @@ class ProxytapCollector(Collector):
         known = {(name, stage): 0 for name in names for stage in HANDSHAKE_STAGES}
         _fill(family, {**known, **stats.handshake_timeouts})
         yield family
+        family = _counter("proxytap_downstream_proxy_headers_total", ("listener", "result"))
+        behind = [lst.name for lst in self.app.config.listeners if lst.proxy_protocol]
+        known = {(name, result): 0 for name in behind for result in PROXY_HEADER_RESULTS}
+        _fill(family, {**known, **stats.proxy_headers})
+        yield family
         family = _counter("proxytap_downstream_silent_evictions_total", ("listener",))
         _fill(family, {**dict.fromkeys(names, 0), **stats.silent_evictions})
         yield family
@@ -553,8 +557,3 @@ def register(app: App, registry: CollectorRegistry, *, process: bool = True) -> 
 
 
 __all__ = ["METRICS", "ProxytapCollector", "register", "status_class"]
-        family = _counter("proxytap_downstream_proxy_headers_total", ("listener", "result"))
-        behind = [lst.name for lst in self.app.config.listeners if lst.proxy_protocol]
-        known = {(name, result): 0 for name in behind for result in PROXY_HEADER_RESULTS}
-        _fill(family, {**known, **stats.proxy_headers})
-        yield family

@@ -104,12 +104,12 @@ class Stats:
         # (listener, stage) -> client connections closed by a handshake deadline;
         # stage "first_byte": sent nothing at all, "handshake": an unfinished request
         self.handshake_timeouts: Counter[tuple[str, str]] = Counter()
+        # (listener, result) -> PROXY protocol headers (front/proxyheader.py RESULTS):
+        # accepted, local (the socket's peer is the client), or why the connection was refused
+        self.proxy_headers: Counter[tuple[str, str]] = Counter()
         # listener -> silent connections closed to make room for a request of the
         # same client over its connection cap
         self.silent_evictions: Counter[str] = Counter()
         # listener -> client connections accepted and closed at once near the
         # open-file limit
         self.fd_refusals: Counter[str] = Counter()
-        # (listener, result) -> PROXY protocol headers (front/proxyheader.py RESULTS):
-        # accepted, local (the socket's peer is the client), or why the connection was refused
-        self.proxy_headers: Counter[tuple[str, str]] = Counter()

@@ -179,11 +179,11 @@ class ClientConnection(Answering):
                 self._socks_step()
             except ProtocolError as exc:
                 self._refuse(exc)
-        else:
-            self._close("client closed during handshake")
         elif self.first_byte < 0:
             # asked nothing (a port check, a load balancer's health check): not logged
             self._close("client closed without sending anything", quiet=True)
+        else:
+            self._close("client closed during handshake")
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
