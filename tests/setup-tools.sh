@@ -6,6 +6,8 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v htpasswd >/dev/null 2>&1 || need+=(apache2-utils)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v tshark >/dev/null 2>&1 || need+=(tshark)
+# systemd-analyze, systemd-sysusers, systemd-tmpfiles: checks of deploy/systemd (no running systemd needed)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "tests need: ${need[*]} (install them with apt-get, or run as root)" >&2

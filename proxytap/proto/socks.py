@@ -39,8 +39,10 @@ SOCKS5 (RFC 1928) decisions
       ``auth_result(ok)`` queues ``01 00`` or ``01 01``; after a failure the
       next ``next_event`` raises ``ProtocolError`` (``socks_code=0x01``).
     * Request VER other than 5: 0x01 general failure.
-    * CMD: 1 CONNECT only; BIND (2), UDP ASSOCIATE (3) and any other value:
-      0x07 command not supported.
+    * CMD: 1 CONNECT; 3 UDP ASSOCIATE only when the server was made with
+      ``udp_associate=True`` (it then returns an ``UdpAssociateRequest``);
+      BIND (2), UDP ASSOCIATE otherwise, and any other value: 0x07 command
+      not supported.
     * RSV is not checked: RFC 1928 calls it reserved and some clients send
       garbage there; ignoring it costs nothing.
     * ATYP other than 1, 3, 4: 0x08 address type not supported. VER, CMD and
@@ -50,7 +52,9 @@ SOCKS5 (RFC 1928) decisions
       Any invalid name, including an empty one: 0x04 host unreachable, the
       answer a name that does not resolve gets (``Failure.DNS_ERROR``).
     * DST.PORT 0: 0x01 general failure (nothing can be connected to there;
-      0x02 is kept for policy decisions).
+      0x02 is kept for policy decisions). UDP ASSOCIATE is the exception:
+      there DST.ADDR/DST.PORT say where the client will send its datagrams
+      from, and 0.0.0.0 / port 0 mean "not known yet" (RFC 1928 section 4).
     * Error replies are ``05 REP 00 01 00 00 00 00 00 00``.
 
 SOCKS4 / SOCKS4a decisions
@@ -62,6 +66,17 @@ SOCKS4 / SOCKS4a decisions
       ``00 5B 00 00 00 00 00 00`` with ``socks_code=0x5B``.
     * DSTIP ``0.0.0.x`` with x != 0 means SOCKS4a: a NUL-terminated hostname
       follows the USERID. ``0.0.0.0`` is a plain (if useless) IPv4 address.
+
+UDP datagrams (RFC 1928 section 7)
+    ``parse_udp_datagram`` reads the header a client puts before every
+    datagram it sends to the relay (RSV 2 bytes, FRAG, ATYP, DST.ADDR,
+    DST.PORT, then the payload) and ``udp_header`` builds the one the relay
+    puts before every datagram it returns (the source address, always an IP
+    literal). RSV is not checked (as in requests); FRAG is returned, not
+    judged: the shell drops fragments (proxytap does not reassemble, which the
+    RFC allows). A datagram too short for its header, an unknown ATYP, an
+    invalid domain name or DST.PORT 0 is a ``ProtocolError`` (no reply: UDP
+    has none; the shell drops and counts it).
 
 Host names (SOCKS5 ATYP 3, SOCKS4a)
     Checked and normalised by ``proxytap.policy.target.normalize_host``, the
@@ -93,11 +108,16 @@ __all__ = [
     "SOCKS4_GRANTED",
     "SOCKS4_REJECTED",
     "SUCCEEDED",
+    "UDP_ASSOCIATE",
     "USERPASS",
     "AuthRequest",
     "ConnectRequest",
     "NeedData",
     "SocksServer",
+    "UdpAssociateRequest",
+    "UdpDatagram",
+    "parse_udp_datagram",
+    "udp_header",
 ]
 
 
@@ -123,6 +143,10 @@ GENERAL_FAILURE: Final = 0x01
 HOST_UNREACHABLE: Final = 0x04
 COMMAND_NOT_SUPPORTED: Final = 0x07
 ATYP_NOT_SUPPORTED: Final = 0x08
+
+# SOCKS5 commands (RFC 1928 section 4).
+CONNECT: Final = 0x01
+UDP_ASSOCIATE: Final = 0x03
 
 # SOCKS4 reply codes.
 SOCKS4_GRANTED: Final = 0x5A
@@ -165,7 +189,43 @@ class AuthRequest:
     password: str = field(repr=False)
 
 
-Event = ConnectRequest | AuthRequest
+@dataclass(frozen=True, slots=True)
+class UdpAssociateRequest:
+    """A SOCKS5 UDP ASSOCIATE request (RFC 1928 sections 4 and 7).
+
+    ``host`` and ``port`` are where the client says it will send datagrams
+    from (``0.0.0.0`` / ``::`` and 0 when it does not know yet); ``atyp`` as in
+    ``ConnectRequest``.
+    """
+
+    host: str
+    port: int
+    atyp: str
+    version: int = 5
+
+    @property
+    def protocol(self) -> str:
+        return "socks5"
+
+    @property
+    def unspecified(self) -> bool:
+        """The client gave no address (all zeros, or a name: nothing to compare with)."""
+        return self.atyp == "domain" or self.host in ("0.0.0.0", "::")
+
+
+@dataclass(frozen=True, slots=True)
+class UdpDatagram:
+    """One datagram from a client to the relay: its destination and payload."""
+
+    frag: int
+    host: str
+    port: int
+    atyp: str
+    data: bytes
+
+
+Request = ConnectRequest | UdpAssociateRequest
+Event = ConnectRequest | AuthRequest | UdpAssociateRequest
 
 
 class _State(enum.Enum):
@@ -198,6 +258,15 @@ def _name_from_wire(raw: bytes) -> tuple[str, str] | None:
     return normalize_host(text)
 
 
+def _address(atyp: int, raw: bytes) -> tuple[str, str] | None:
+    """(host, kind) of a SOCKS5 address field (``raw`` without the name length), or None."""
+    if atyp == 1:
+        return socket.inet_ntop(socket.AF_INET, raw), "ipv4"
+    if atyp == 4:
+        return socket.inet_ntop(socket.AF_INET6, raw), "ipv6"
+    return _name_from_wire(raw)
+
+
 def _socks5_error(reason: str, code: int) -> ProtocolError:
     reply = bytes((5, code, 0, 1, 0, 0, 0, 0, 0, 0))
     return ProtocolError(reason, socks_code=code, reply=reply)
@@ -211,7 +280,10 @@ class SocksServer:
     """One client's SOCKS handshake, from the first byte to the ``ConnectRequest``.
 
     ``methods`` are the SOCKS5 authentication methods the server accepts, in
-    preference order (NO_AUTH and/or USERPASS). Use::
+    preference order (NO_AUTH and/or USERPASS). ``udp_associate``: SOCKS5
+    CMD 3 is accepted and returned as an ``UdpAssociateRequest`` (answered
+    with ``reply`` like a CONNECT; ``trailing_data`` is then bytes the client
+    sent on the control connection after its request). Use::
 
         server.receive_data(chunk)            # b"" on EOF
         event = server.next_event()           # until NEED_DATA
@@ -221,7 +293,7 @@ class SocksServer:
             then relay server.trailing_data() first.
     """
 
-    def __init__(self, *, methods: Sequence[int] = (NO_AUTH,)) -> None:
+    def __init__(self, *, methods: Sequence[int] = (NO_AUTH,), udp_associate: bool = False) -> None:
         chosen = tuple(dict.fromkeys(methods))
         if not chosen:
             raise ValueError("at least one SOCKS5 method is needed")
@@ -229,12 +301,13 @@ class SocksServer:
             if method not in (NO_AUTH, USERPASS):
                 raise ValueError(f"unsupported SOCKS5 method 0x{method:02x}")
         self._methods = chosen
+        self._udp = udp_associate
         self._buf = bytearray()
         self._out = bytearray()
         self._state = _State.VERSION
         self._eof = False
         self._error: ProtocolError | None = None
-        self._request: ConnectRequest | None = None
+        self._request: Request | None = None
         self._selected: int | None = None
 
     # -- feeding --------------------------------------------------------------
@@ -281,12 +354,12 @@ class SocksServer:
         return self._selected
 
     @property
-    def request(self) -> ConnectRequest | None:
+    def request(self) -> Request | None:
         return self._request
 
     # -- events ---------------------------------------------------------------
 
-    def next_event(self) -> ConnectRequest | AuthRequest | NeedData:
+    def next_event(self) -> Event | NeedData:
         """Parse what is buffered: an event, ``NEED_DATA``, or ``ProtocolError``."""
         if self._error is not None:
             raise self._error
@@ -424,14 +497,14 @@ class SocksServer:
     def _auth_failed(self) -> NoReturn:
         raise ProtocolError("SOCKS5 username/password authentication failed", socks_code=0x01)
 
-    def _parse_request5(self) -> ConnectRequest | NeedData:
+    def _parse_request5(self) -> Request | NeedData:
         buf = self._buf
         if len(buf) < 4:
             return NEED_DATA
         ver, cmd, _rsv, atyp = buf[:4]
         if ver != 5:
             raise _socks5_error(f"SOCKS5 request with version {ver}", GENERAL_FAILURE)
-        if cmd != 1:
+        if cmd != CONNECT and not (cmd == UDP_ASSOCIATE and self._udp):
             raise _socks5_error(f"SOCKS5 command {cmd} not supported", COMMAND_NOT_SUPPORTED)
         if atyp == 1:
             addr_len = 4
@@ -449,15 +522,12 @@ class SocksServer:
         message = self._consume(total)
         raw = message[4 : 4 + addr_len]
         (port,) = struct.unpack("!H", message[-2:])
-        if atyp == 1:
-            host, kind = socket.inet_ntop(socket.AF_INET, raw), "ipv4"
-        elif atyp == 4:
-            host, kind = socket.inet_ntop(socket.AF_INET6, raw), "ipv6"
-        else:
-            checked = _name_from_wire(raw[1:])
-            if checked is None:
-                raise _socks5_error("invalid SOCKS5 domain name", HOST_UNREACHABLE)
-            host, kind = checked
+        checked = _address(atyp, raw if atyp != 3 else raw[1:])
+        if checked is None:
+            raise _socks5_error("invalid SOCKS5 domain name", HOST_UNREACHABLE)
+        host, kind = checked
+        if cmd == UDP_ASSOCIATE:  # where the client sends from: zeros are "not known yet"
+            return self._done(UdpAssociateRequest(host=host, port=port, atyp=kind))
         if port == 0:
             raise _socks5_error("SOCKS5 request for port 0", GENERAL_FAILURE)
         return self._done(ConnectRequest(version=5, host=host, port=port, atyp=kind))
@@ -506,13 +576,14 @@ class SocksServer:
             raise _socks4_error(f"{what} longer than {MAX_FIELD} bytes")
         return None
 
-    def _done(self, request: ConnectRequest) -> ConnectRequest:
+    def _done[R: Request](self, request: R) -> R:
         self._request = request
         self._state = _State.DONE
         return request
 
 
 _Handler = Callable[[SocksServer], Event | NeedData | None]
+
 
 # The transition table: which parser runs in which state. AUTH_WAIT, DONE and
 # ERROR have none (next_event handles them before dispatching).
@@ -524,3 +595,60 @@ _HANDLERS: Final[dict[_State, _Handler]] = {
     _State.REQUEST5: SocksServer._parse_request5,
     _State.REQUEST4: SocksServer._parse_request4,
 }
+
+
+# -- UDP datagrams (RFC 1928 section 7) ------------------------------------------------
+
+_UDP_ADDR_LEN: Final = {1: 4, 4: 16}
+
+
+def parse_udp_datagram(datagram: bytes | bytearray | memoryview) -> UdpDatagram:
+    """Split a client's datagram into its header's destination and the payload.
+
+    Raises ``ProtocolError`` (``socks_code=None``, empty ``reply``) when the
+    header is short or invalid; see *UDP datagrams* in the module docstring.
+    """
+    view = memoryview(datagram)
+    n = len(view)
+    if n < 4:
+        raise ProtocolError(f"SOCKS5 UDP datagram of {n} bytes: shorter than its header")
+    frag, atyp = view[2], view[3]
+    if atyp == 3:
+        if n < 5:
+            raise ProtocolError("SOCKS5 UDP datagram ends in its domain name length")
+        start, addr_len = 5, view[4]
+    elif atyp in _UDP_ADDR_LEN:
+        start, addr_len = 4, _UDP_ADDR_LEN[atyp]
+    else:
+        raise ProtocolError(f"SOCKS5 UDP datagram with address type {atyp}")
+    end = start + addr_len
+    if n < end + 2:
+        raise ProtocolError(f"SOCKS5 UDP datagram of {n} bytes: shorter than its header")
+    checked = _address(atyp, bytes(view[start:end]))
+    if checked is None:
+        raise ProtocolError("SOCKS5 UDP datagram with an invalid domain name")
+    host, kind = checked
+    port = (view[end] << 8) | view[end + 1]
+    if port == 0:
+        raise ProtocolError("SOCKS5 UDP datagram to port 0")
+    return UdpDatagram(frag=frag, host=host, port=port, atyp=kind, data=bytes(view[end + 2 :]))
+
+
+def udp_header(host: str, port: int, frag: int = 0) -> bytes:
+    """The header before a datagram's payload: ``host`` an IP literal or a domain name.
+
+    The relay sends the source of a reply (an IP literal); clients (and tests)
+    may address a destination by name. ``ValueError`` for a name over 255
+    bytes or a port out of range.
+    """
+    if not 0 <= port <= 0xFFFF or not 0 <= frag <= 0xFF:
+        raise ValueError(f"port or FRAG out of range: {port}, {frag}")
+    try:
+        packed = _pack_address(host)
+    except ValueError:
+        name = host.encode("idna")
+        if not 0 < len(name) <= MAX_FIELD:
+            raise ValueError(f"domain name of {len(name)} bytes") from None
+        return bytes((0, 0, frag, 3, len(name))) + name + struct.pack("!H", port)
+    atyp = 1 if len(packed) == 4 else 4
+    return bytes((0, 0, frag, atyp)) + packed + struct.pack("!H", port)
