@@ -126,6 +126,9 @@ class Timeouts:
     idle: float = 300.0  # a relay with no bytes either way for this long is closed
     shutdown_grace: float = 5.0  # on SIGTERM, open tunnels may drain this long
     http_keepalive: float = 60.0  # idle plain-HTTP client connection between requests
+    # a SOCKS5 UDP association with no datagram either way for this long ends (its
+    # control connection is closed); a destination of it idle this long is forgotten
+    udp_idle: float = 120.0
 
     def validate(self, key: str) -> None:
         for f in dataclasses.fields(self):
@@ -166,6 +169,9 @@ class LimitsConfig:
     # quarter of the descriptors free at start-up is kept (a low limit is not all reserve).
     open_files_reserve: int = 256
     write_buffer_high: int = 1 << 20  # relay backpressure high-water mark per side
+    # destinations one SOCKS5 UDP association may have at once (one inner flow each);
+    # datagrams to a further one are dropped and counted until one goes idle
+    max_udp_destinations: int = 256
 
     def validate(self, key: str) -> None:
         for f in dataclasses.fields(self):

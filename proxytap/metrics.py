@@ -36,6 +36,7 @@ from proxytap.errors import Failure
 from proxytap.flows.stats import LATENCY_BUCKETS, Buckets
 from proxytap.front.proxyheader import RESULTS as PROXY_HEADER_RESULTS
 from proxytap.front.services import CLIENT_ACL
+from proxytap.front.udp import DROP_REASONS as UDP_DROP_REASONS
 from proxytap.policy.acl import CONNECT_PORTS
 
 if TYPE_CHECKING:
@@ -167,6 +168,22 @@ METRICS: dict[str, tuple[str, str]] = {
     "proxytap_downstream_http_requests_total": (
         "counter",
         "Plain-HTTP requests answered, by status class and by who answered (origin or proxy)",
+    ),
+    "proxytap_udp_associations_total": (
+        "counter",
+        "SOCKS5 UDP associations set up (relay bound and answered), by listener",
+    ),
+    "proxytap_udp_associations_active": ("gauge", "SOCKS5 UDP associations open now"),
+    "proxytap_udp_datagrams_total": (
+        "counter",
+        "Datagrams relayed by SOCKS5 UDP associations; direction=upstream: client to "
+        "destination, downstream: destination to client",
+    ),
+    "proxytap_udp_dropped_datagrams_total": (
+        "counter",
+        "Datagrams SOCKS5 UDP associations dropped, by listener and reason (foreign_source, "
+        "fragment, malformed, denied, dns_error, backlog, destination_limit, unsolicited, "
+        "buffer_full, send_error)",
     ),
     "proxytap_upstream_connect_duration_seconds": (
         "histogram",
@@ -379,6 +396,7 @@ class ProxytapCollector(Collector):
         _fill(family, responses)
         yield family
         yield from self._tunnels()
+        yield from self._udp()
 
         # -- upstream -----------------------------------------------------------------
         yield _histogram("proxytap_upstream_connect_duration_seconds", stats.connect_seconds)
@@ -459,6 +477,24 @@ class ProxytapCollector(Collector):
             stats.http_seconds,
             forwarding,
         )
+
+    def _udp(self) -> Iterator[Metric]:
+        """SOCKS5 UDP ASSOCIATE: associations, datagrams relayed and dropped (front/udp.py)."""
+        stats = self.app.services.stats
+        names = [lst.name for lst in self.app.config.listeners if lst.kind != "http"]
+        family = _counter("proxytap_udp_associations_total", ("listener",))
+        _fill(family, {**dict.fromkeys(names, 0), **stats.udp_associations})
+        yield family
+        gauge = _gauge("proxytap_udp_associations_active", ("listener",))
+        _fill(gauge, {**dict.fromkeys(names, 0), **stats.udp_associations_open})
+        yield gauge
+        family = _counter("proxytap_udp_datagrams_total", ("listener", "direction"))
+        known = {(n, d): 0 for n in names for d in ("upstream", "downstream")}
+        _fill(family, {**known, **stats.udp_datagrams})
+        yield family
+        family = _counter("proxytap_udp_dropped_datagrams_total", ("listener", "reason"))
+        _fill(family, {**{(n, r): 0 for n in names for r in UDP_DROP_REASONS}, **stats.udp_dropped})
+        yield family
 
     def _known_denials(self) -> dict[tuple[str, str], int]:
         """Every (listener, rule) a denial can be counted under that is known up front."""

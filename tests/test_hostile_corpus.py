@@ -528,10 +528,10 @@ CORPUS: list[Case] = [
         S5 + b"\x05\x02\x00\x01\x7f\x00\x00\x01\x00\x50",
         SOCKS5_OK_GREETING + s5_error(0x07),
     ),
-    socks(
-        "socks5-udp-associate",
-        S5 + b"\x05\x03\x00\x01\x7f\x00\x00\x01\x00\x50",
-        SOCKS5_OK_GREETING + s5_error(0x07),
+    socks(  # UDP ASSOCIATE is served; its request is read as strictly as a CONNECT
+        "socks5-udp-associate-empty-domain",
+        S5 + b"\x05\x03\x00\x03\x00\x00\x00",
+        SOCKS5_OK_GREETING + s5_error(0x04),
     ),
     socks(
         "socks5-unknown-command",

@@ -145,6 +145,21 @@ class Hub:
             except Exception:
                 self._failed(sub)
 
+    def udp_opened(self, flow: Flow, payload: bytes) -> None:
+        """A UDP inner flow (a SOCKS5 association's client and one destination) begins.
+
+        Classified at once, on its ports and first datagram (SF-TAP's UDP
+        rules), and announced to no one: UDP has no CREATED. Its datagrams go
+        through ``datagram``; ``closed`` then hands subscribers its
+        ``flow_destroyed``, which sinks that export events ignore for a flow
+        they never saw created (no DESTROYED for UDP either) and the flow log
+        records.
+        """
+        rule = self.classifier.udp((flow.client[1], flow.server[1]), payload)
+        flow.l7 = rule.name
+        flow.tap = _CLASSIFIED
+        self.classified[rule.name] = self.classified.get(rule.name, 0) + 1
+
     def datagram(
         self, src: Endpoint, dst: Endpoint, data: bytes, now: float, *, hop: int = 0
     ) -> None:

@@ -113,3 +113,10 @@ class Stats:
         # listener -> client connections accepted and closed at once near the
         # open-file limit
         self.fd_refusals: Counter[str] = Counter()
+        # SOCKS5 UDP ASSOCIATE (front/udp.py): listener -> associations opened, open now
+        self.udp_associations: Counter[str] = Counter()
+        self.udp_associations_open: Counter[str] = Counter()
+        # (listener, "upstream"|"downstream") -> datagrams relayed
+        self.udp_datagrams: Counter[tuple[str, str]] = Counter()
+        # (listener, reason) -> datagrams dropped (front/udp.py DROP_REASONS)
+        self.udp_dropped: Counter[tuple[str, str]] = Counter()

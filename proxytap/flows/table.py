@@ -209,6 +209,8 @@ class FlowTable:
         self.connections: dict[int, Connection] = {}
         self.flows: dict[int, Flow] = {}
         self.per_client: dict[str, int] = {}  # open connections by client address
+        # open flows with l4 "udp" (SOCKS5 UDP ASSOCIATE): they hold no socket of their own
+        self.udp_flows = 0
 
     def _id(self) -> int:
         i = self._next_id
@@ -246,13 +248,16 @@ class FlowTable:
         flow = Flow(self._id(), outer, server, requested_host, requested_port, now, l4)
         outer.flows += 1
         self.flows[flow.id] = flow
+        if l4 == "udp":
+            self.udp_flows += 1
         return flow
 
     def close_flow(self, flow: Flow, reason: CloseReason, now: float) -> None:
         flow.state = State.CLOSED
         flow.reason = reason
         flow.end = now
-        self.flows.pop(flow.id, None)
+        if self.flows.pop(flow.id, None) is not None and flow.l4 == "udp":
+            self.udp_flows -= 1
 
     def __iter__(self) -> Iterator[Flow]:
         return iter(list(self.flows.values()))

@@ -25,6 +25,7 @@ from proxytap.front.authn import auth_failed, auth_throttled, check_proxy_author
 from proxytap.front.relay import Early, PendingUpstream, Relay
 from proxytap.front.services import SOCKS4_USERID, Services
 from proxytap.front.tunnel import finished, relay_tunnel
+from proxytap.front.udp import Association
 from proxytap.modules.api import Context
 from proxytap.policy.acl import refusal_text
 from proxytap.policy.auth import socks4_userid_ok
@@ -37,6 +38,7 @@ from proxytap.proto.socks import (
     AuthRequest,
     ConnectRequest,
     SocksServer,
+    UdpAssociateRequest,
 )
 
 log = logging.getLogger("proxytap.front")
@@ -154,7 +156,8 @@ class ClientConnection(Answering):
             is_socks = data[0] in SOCKS_VERSIONS
             if kind == "socks" or (kind == "mixed" and is_socks):
                 auth = self.services.auth is not None
-                self.socks = SocksServer(methods=(USERPASS,) if auth else (NO_AUTH,))
+                methods = (USERPASS,) if auth else (NO_AUTH,)
+                self.socks = SocksServer(methods=methods, udp_associate=True)
             else:
                 self.http = True
         try:
@@ -222,6 +225,19 @@ class ClientConnection(Answering):
                     self._close("too many failed authentications", linger=True, quiet=True)
                     return
                 self._socks_auth(event)
+                return
+            if isinstance(event, UdpAssociateRequest):  # front/udp.py
+                assert self.conn is not None
+                self.conn.protocol = event.protocol
+                if self.refusal is not None:
+                    self._deny(*self.refusal)
+                    return
+                self.early = Early()  # any byte from now on ends the association
+                if self.timer is not None:
+                    self.timer.cancel()
+                    self.timer = None
+                self.asked_at = time.monotonic()
+                self.task = self.services.tasks.spawn(self._associate(event, socks.trailing_data()))
                 return
             if isinstance(event, ConnectRequest):
                 assert self.conn is not None
@@ -435,6 +451,30 @@ class ClientConnection(Answering):
             self.ctx,
             self._relay_done,
         )
+
+    async def _associate(self, request: UdpAssociateRequest, early: bytes) -> None:
+        """SOCKS5 UDP ASSOCIATE: bind the relay, answer with its address, hand over."""
+        client = self.transport
+        assert client is not None and self.conn is not None and self.socks is not None
+        assoc = Association(self.services, self.conn, request)
+        try:
+            local = endpoint(client.get_extra_info("sockname"))  # where the client reached us
+            bound = await assoc.open(local)
+        except (OSError, TypeError, ValueError) as exc:
+            self._connect_failed(request.host, request.port, classify_os_error(exc), repr(exc))
+            return
+        if self.done or client.is_closing():
+            assoc.close()
+            self._close("client went away while the UDP relay was bound")
+            return
+        client.write(self.socks.reply(0x00, bound))
+        self._answered(socks_result(5, 0x00))
+        key = (self.listener.name, self._protocol_name())
+        observe(self.services.stats.tunnel_setup, key, time.monotonic() - self.asked_at)
+        self._handed_over()
+        held = self.early
+        assert held is not None
+        assoc.start(client, early + b"".join(held.chunks), held.eof)
 
     def _relay_done(self, relay: Relay, reason: CloseReason) -> None:
         self._close_ctx()

@@ -211,7 +211,8 @@ class Services:
         if fds is None:
             return False
         table = self.table
-        return fds.full(len(table.connections) + 1, len(table.flows), self.lingering)
+        upstreams = len(table.flows) - table.udp_flows  # a UDP association's flows share a socket
+        return fds.full(len(table.connections) + 1, upstreams, self.lingering)
 
     async def open[P: asyncio.BaseProtocol](
         self,

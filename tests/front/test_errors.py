@@ -151,7 +151,7 @@ def socks5_reply(code: int) -> bytes:
         (socks5(bytes([len(NX)]) + NX.encode(), 443, atyp=3), 0x04),
         (socks5(socket.inet_aton("127.0.0.1"), BLACKHOLE_PORT), 0x06),
         (socks5(socket.inet_aton("127.0.0.1"), 1, cmd=2), 0x07),  # BIND
-        (socks5(socket.inet_aton("127.0.0.1"), 1, cmd=3), 0x07),  # UDP ASSOCIATE
+        (socks5(socket.inet_aton("127.0.0.1"), 1, cmd=4), 0x07),  # no such command
         (socks5(socket.inet_aton("127.0.0.1"), 1, atyp=9), 0x08),
     ],
 )
