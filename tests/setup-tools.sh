@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Installs the real external tools the test suite drives (curl, htpasswd, promtool, tshark: the JA3 oracle and the PCAP reader; mergecap comes with it). Debian packages only; a no-op when they are present.
+# Installs the real external tools the test suite drives (curl, htpasswd, promtool, tshark: the JA3 oracle and the PCAP reader; mergecap comes with it; haproxy: the load balancer in front of two proxytap instances, run by the test itself, never as a service). Debian packages only; a no-op when they are present.
 set -euo pipefail
 need=()
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v htpasswd >/dev/null 2>&1 || need+=(apache2-utils)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v tshark >/dev/null 2>&1 || need+=(tshark)
+command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 # systemd-analyze, systemd-sysusers, systemd-tmpfiles: checks of deploy/systemd (no running systemd needed)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
@@ -18,4 +19,8 @@ if [ ${#need[@]} -gt 0 ]; then
   # tshark's package asks whether non-root users may capture: answer no, without a prompt
   echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+  # the tests run their own haproxy on loopback ports; the packaged service stays off
+  if [[ " ${need[*]} " == *" haproxy "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now haproxy >/dev/null 2>&1 || true
+  fi
 fi

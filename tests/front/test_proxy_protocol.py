@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
-import signal
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -23,96 +21,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from proxytap.config import from_dict
 from proxytap.errors import ConfigError
 from proxytap.proto.proxyproto import SIGNATURE_V2, v1_header, v2_header
-from proxytap.proto.sftap import CREATED, DESTROYED, Event
-from tests.conftest import start_proxytap
-from tests.export.sftap_helpers import TapReader, short_tmp
+from tests.export.sftap_helpers import TapReader
+from tests.front.behind import Endpoint, Proxytap, flows_ended, key_endpoints, running
 
-Endpoint = tuple[str, int]
 FRONTEND = ("203.0.113.80", 3128)  # the balancer's own frontend, as the header names it
 
 
 # -- the proxy under test, as a process -----------------------------------------------
 
 
-@dataclass
-class Proxytap:
-    proc: asyncio.subprocess.Process
-    ports: dict[str, int]
-    home: Path
-    flowlog: Path
-    admin: str
-    stderr: str = ""
-
-    async def metric(self, name: str, **labels: str) -> float:
-        """One sample of /metrics (0 when the proxy does not show it)."""
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(f"{self.admin}/metrics") as resp,
-        ):
-            text = await resp.text()
-        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        for line in text.splitlines():
-            m = re.fullmatch(rf"{re.escape(name)}\{{(.*)\}} (\S+)", line)
-            if m and ",".join(sorted(m.group(1).split(","))) == want:
-                return float(m.group(2))
-        raise AssertionError(f"{name}{{{want}}} not in /metrics")
-
-    async def stop(self) -> str:
-        """SIGTERM, then everything it logged (the flow log is flushed by then)."""
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-        _, err = await asyncio.wait_for(self.proc.communicate(), 20)
-        self.stderr = err.decode()
-        return self.stderr
-
-    def flows(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.flowlog.read_text().splitlines()]
-
-
-@contextlib.asynccontextmanager
-async def proxytap(tmp_path: Path, extra: str, **listener: str) -> AsyncIterator[Proxytap]:
+def proxytap(
+    tmp_path: Path, extra: str, **listener: str
+) -> contextlib.AbstractAsyncContextManager[Proxytap]:
     """proxytap with one listener ``edge`` (mixed, PROXY protocol) plus ``listener`` keys."""
-    with short_tmp() as home:
-        flowlog = tmp_path / "flows.json"
-        keys = "\n".join(f"{k} = {v}" for k, v in listener.items())
-        config = tmp_path / "proxytap.toml"
-        config.write_text(
-            f"""
+    keys = "\n".join(f"{k} = {v}" for k, v in listener.items())
+    config = f"""
 [[listeners]]
 name = "edge"
 kind = "mixed"
 address = "127.0.0.1:0"
 proxy_protocol = true
 {keys}
-
-[export]
-sftap_home = "{home}"
-
-[log]
-flows = "{flowlog}"
-
-[admin]
-address = "127.0.0.1:0"
-
 {extra}
 """
-        )
-        proc, ports, lines = await start_proxytap("--config", str(config))
-        try:
-            admin = next(
-                m.group(1) for ln in lines if (m := re.search(r"(http://\S+)/metrics", ln))
-            )
-            yield Proxytap(proc, ports, home, flowlog, admin)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+    return running(tmp_path, config)
 
 
 # -- the balancer's side ----------------------------------------------------------------
@@ -202,10 +139,6 @@ async def head_origin() -> AsyncIterator[int]:
         server.close()
 
 
-def key_endpoints(ev: Event) -> set[Endpoint]:
-    return {(ev.key.ip1, ev.key.port1), (ev.key.ip2, ev.key.port2)}
-
-
 def as_key(client: Endpoint, server: Endpoint) -> set[Endpoint]:
     """The two endpoints as an SF-TAP key shows them (IPv4 mapped when families differ)."""
     if (":" in client[0]) == (":" in server[0]):
@@ -218,19 +151,6 @@ def as_key(client: Endpoint, server: Endpoint) -> set[Endpoint]:
         return (socket.inet_ntop(socket.AF_INET6, packed), ep[1])
 
     return {v6(client), v6(server)}
-
-
-async def flows_ended(tap: TapReader, count: int) -> list[Event]:
-    """The CREATED events of ``count`` flows, read until each has ended."""
-    created: list[Event] = []
-    ended = 0
-    while ended < count:
-        ev, _ = await tap.event()
-        if ev.event == CREATED:
-            created.append(ev)
-        elif ev.event == DESTROYED:
-            ended += 1
-    return created
 
 
 # -- configuration ------------------------------------------------------------------------
