@@ -524,12 +524,17 @@ def test_manifests_fit_together() -> None:
     assert annotations["service.beta.kubernetes.io/aws-load-balancer-proxy-protocol"] == "*"
     assert {p["targetPort"] for p in lb["spec"]["ports"]} == {lst.name for lst in cfg.listeners}
 
-    # the CA Secret at tls.ca_dir, the flow sockets on the emptyDir
-    ca = volumes["ca"]["secret"]
+    # the CA: from the Secret to a writable tls.ca_dir (ca_init_copies_the_key below)
     (secret,) = k8s_docs(K8S / "secret-ca.yaml")
-    assert ca["secretName"] == secret["metadata"]["name"]
+    assert volumes["ca-secret"]["secret"]["secretName"] == secret["metadata"]["name"]
     assert "proxytap-ca.pem" in secret["stringData"]  # the file name proxytap ca init writes
-    assert mounts["ca"]["mountPath"] == cfg.tls.ca_dir and mounts["ca"]["readOnly"]
+    assert "emptyDir" in volumes["ca"]
+    assert mounts["ca"]["mountPath"] == cfg.tls.ca_dir and not mounts["ca"].get("readOnly")
+    (init,) = spec["initContainers"]
+    init_mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+    assert init_mounts["ca"] == cfg.tls.ca_dir
+    assert init["image"] == proxy["image"]
+    # the flow sockets on the emptyDir
     assert "emptyDir" in volumes["flows"]
     assert _under(cfg.export.sftap_home, mounts["flows"]["mountPath"])
 
@@ -552,6 +557,30 @@ def test_manifests_fit_together() -> None:
     assert f"{cfg.export.sftap_home}/tcp/http" in " ".join(analyzer["args"])
     assert analyzer["securityContext"]["runAsUser"] != spec["securityContext"]["runAsUser"]
     assert cfg.export.sftap_mode & 0o060 == 0o060  # the group (fsGroup) may connect
+
+
+async def test_ca_init_container_copies_the_key(tmp_path: Path) -> None:
+    """The init container's script, run by sh with its two mounts moved under tmp_path:
+    the key lands in tls.ca_dir, mode 0600, and a missing (optional) Secret is no error."""
+    spec = base_resources()["Deployment/proxytap"]["spec"]["template"]["spec"]
+    (init,) = spec["initContainers"]
+    assert init["command"] == ["sh", "-c"]
+    (script,) = init["args"]
+    mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+    secret, ca_dir = tmp_path / "secret", tmp_path / "ca"
+    secret.mkdir()
+    ca_dir.mkdir()
+    script = script.replace(mounts["ca-secret"], str(secret)).replace(mounts["ca"], str(ca_dir))
+    rc, _, err = await run("sh", "-c", script)  # no Secret
+    assert rc == 0, err
+    assert list(ca_dir.iterdir()) == []
+    (secret / "proxytap-ca.pem").write_bytes(b"key and certificate")
+    (secret / "proxytap-ca.pem").chmod(0o440)
+    rc, _, err = await run("sh", "-c", script)
+    assert rc == 0, err
+    key = ca_dir / "proxytap-ca.pem"
+    assert key.read_bytes() == b"key and certificate"
+    assert key.stat().st_mode & 0o777 == 0o600
 
 
 # == PAC ====================================================================================
