@@ -602,8 +602,16 @@ async def test_readme_metrics_table_is_what_is_exposed(
     """Every family of METRICS in README's table, with its type and its label names."""
     table = readme_metrics()
     assert {n: t for n, (t, _) in table.items()} == {n: t for n, (t, _) in METRICS.items()}
+    # a PROXY-protocol listener: its header results are exported at 0
+    behind = ListenerConfig(
+        kind="http",
+        address="127.0.0.1:0",
+        name="behind",
+        proxy_protocol=True,
+        proxy_protocol_from=("10.0.0.0/8",),
+    )
     cfg = Config(  # every sink kind: the export families have samples to read labels from
-        listeners=LISTENERS,
+        listeners=(*LISTENERS, behind),
         access=TEST_ACCESS,
         export=ExportConfig(sftap_home=str(home), loopback7=str(home / "nowhere")),
         log=LogConfig(flows=str(tmp_path / "flows.json")),
