@@ -41,6 +41,7 @@ from proxytap.policy.acl import CONNECT_PORTS
 
 if TYPE_CHECKING:
     from proxytap.app import App
+    from proxytap.front.services import Services
 
 # Client protocols a listener kind can speak (label values of ``protocol``).
 PROTOCOLS = {
@@ -156,6 +157,36 @@ METRICS: dict[str, tuple[str, str]] = {
     "proxytap_downstream_protocol_errors_total": (
         "counter",
         "Handshakes that broke their protocol, by protocol family",
+    ),
+    "proxytap_intercept_decisions_total": (
+        "counter",
+        "TLS tunnels of clients that may be intercepted, by outcome (intercepted, "
+        "passthrough) and reason (intercept, not-listed, passthrough-host, pinned, ...)",
+    ),
+    "proxytap_intercept_sessions_active": ("gauge", "Intercepted tunnels open now"),
+    "proxytap_intercept_requests_total": (
+        "counter",
+        "HTTP exchanges completed inside intercepted tunnels, by protocol (http1, http2)",
+    ),
+    "proxytap_intercept_refusals_total": (
+        "counter",
+        "Intercepted requests or responses refused by the header rules or a module (the "
+        "client got the error status with Proxy-Status), by what (request, response)",
+    ),
+    "proxytap_intercept_upstream_tls_errors_total": (
+        "counter",
+        "Origins whose TLS failed under interception (the client got 502), by reason "
+        "(expired, wrong_name, untrusted, invalid, handshake)",
+    ),
+    "proxytap_intercept_client_tls_failures_total": (
+        "counter",
+        "Client TLS handshakes with proxytap's certificate that failed, by reason "
+        "(rejected: the client refused the certificate, pinning fail-open applies; other)",
+    ),
+    "proxytap_intercept_pinned_pairs": (
+        "gauge",
+        "(client, host) pairs passed through now because the client rejected proxytap's "
+        "certificate (tls.pinning_fail_open)",
     ),
     "proxytap_downstream_sni_mismatches_total": (
         "counter",
@@ -305,6 +336,45 @@ def _fill(family: CounterMetricFamily | GaugeMetricFamily, values: Mapping[Any, 
         family.add_metric(labels, float(value))
 
 
+# TLS interception decisions exported at 0 (proxytap.policy.intercept.Verdict reasons)
+INTERCEPT_DECISIONS = (
+    ("intercepted", "intercept"),
+    ("passthrough", "not-listed"),
+    ("passthrough", "passthrough-host"),
+    ("passthrough", "passthrough-client"),
+    ("passthrough", "pinned"),
+)
+
+
+def _intercept_families(services: Services) -> Iterator[Metric]:
+    """TLS interception: decisions, sessions, exchanges, refusals, TLS failures, pins."""
+    stats = services.stats
+    decisions = _counter("proxytap_intercept_decisions_total", ("outcome", "reason"))
+    refusals = _counter("proxytap_intercept_refusals_total", ("what",))
+    decided = dict.fromkeys(INTERCEPT_DECISIONS, 0)
+    refused = {"request": 0, "response": 0}
+    for (outcome, reason), n in stats.intercept.items():
+        if outcome == "refused":
+            refused[reason] = n
+        elif reason != "tls":
+            decided[(outcome, reason)] = n
+    _fill(decisions, decided)
+    _fill(refusals, refused)
+    engine = services.engine
+    active = _gauge("proxytap_intercept_sessions_active")
+    active.add_metric([], float(len(engine.sessions) if engine is not None else 0))
+    requests = _counter("proxytap_intercept_requests_total", ("protocol",))
+    _fill(requests, {"http1": 0, "http2": 0, **stats.intercept_requests})
+    upstream = _counter("proxytap_intercept_upstream_tls_errors_total", ("reason",))
+    reasons = ("expired", "wrong_name", "untrusted", "invalid", "handshake")
+    _fill(upstream, {**dict.fromkeys(reasons, 0), **stats.intercept_upstream_errors})
+    client = _counter("proxytap_intercept_client_tls_failures_total", ("reason",))
+    _fill(client, {"rejected": 0, "other": 0, **stats.intercept_client_failures})
+    pinned = _gauge("proxytap_intercept_pinned_pairs")
+    pinned.add_metric([], float(len(services.pins)))
+    yield from (decisions, active, requests, refusals, upstream, client, pinned)
+
+
 class ProxytapCollector(Collector):
     """Reads ``Stats``, the flow table, the hub and the sinks of ``app`` when scraped."""
 
@@ -376,6 +446,7 @@ class ProxytapCollector(Collector):
             METRICS["proxytap_downstream_sni_mismatches_total"][1],
             value=stats.sni_mismatches,
         )
+        yield from _intercept_families(services)
         family = _counter("proxytap_module_errors_total", ("module",))
         modules = {m.name: 0 for chain in services.chains.values() for m in chain.modules}
         _fill(family, {**modules, **stats.module_errors})

@@ -86,6 +86,14 @@ def make_pki(directory: Path, names: tuple[str, ...] = ("localhost", "origin.tes
     )
     pki = Pki(directory / "ca.pem", directory / "server.pem", directory / "server-key.pem")
     pki.ca_pem.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    # the CA's key too (ca-key.pem): tests sign odd leaves with it (expired, wrong name)
+    (directory / "ca-key.pem").write_bytes(
+        ca_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     pki.cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     pki.key_pem.write_bytes(
         key.private_bytes(

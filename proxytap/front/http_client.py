@@ -43,6 +43,7 @@ from proxytap.front.http_exchange import (
     wire,
     wire_cached,
 )
+from proxytap.intercept import onboarding
 from proxytap.modules.api import Context
 from proxytap.proto.http1 import chunk, last_chunk, request_body, request_framing_field
 
@@ -342,6 +343,11 @@ class RequestReader:
             req.chunked = True
         if to.websocket and parser.should_upgrade():
             req.websocket = True
+        if to.host == onboarding.RESERVED_HOST:
+            # the onboarding page through the proxy (a phone set up to use it fetches the CA)
+            req.local = True
+            req.onboarding = onboarding.answer(self.services.config.tls.ca_dir, to.path)
+            return req
         if to.max_forwards == 0:
             # the proxy is the final recipient: no destination, no module sees it
             req.local = True

@@ -145,6 +145,8 @@ class Exchange:
     websocket = False
     local = False  # answered by the proxy itself (OPTIONS / TRACE with Max-Forwards: 0)
     trace = b""  # TRACE: the head to echo (as received, without credentials)
+    # http://proxytap.ca/...: the onboarding answer (status, content type, body)
+    onboarding: tuple[int, str, bytes] | None = None
     denial: ProtocolError | None = None  # local: a 407 to answer once the request is read
     auth_pending = False  # its credentials are being checked: not sent yet
     upstream: UpstreamConnection | None = None
@@ -228,8 +230,16 @@ TRACE_HIDDEN: Final = frozenset((b"proxy-authorization", b"authorization", b"coo
 def local_answer(req: Exchange, allow: bytes, keep: bool) -> bytes:
     """The proxy's own 200 to an OPTIONS or TRACE with ``Max-Forwards: 0``.
 
-    (A 407, the other local answer, is built by ``replies.http_error``.)
+    Also the answers to ``http://proxytap.ca/`` (``onboarding``). (A 407, the
+    other local answer, is built by ``replies.http_error``.)
     """
+    if req.onboarding is not None:
+        status, ctype, body = req.onboarding
+        line = b"HTTP/1.1 %d %s" % (status, b"OK" if status == 200 else b"Not Found")
+        fields = b"Content-Type: " + ctype.encode("ascii") + b"\r\nCache-Control: no-store\r\n"
+        if req.is_head:
+            body = b""
+        return response_head(line, fields, b"Content-Length: %d\r\n" % len(body), keep) + body
     if req.method == b"TRACE":
         fields = b"Content-Type: message/http\r\n"
         body = req.trace

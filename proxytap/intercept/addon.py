@@ -84,6 +84,7 @@ class Session:
         self.order = ExchangeOrder(self.emit)
         self.exchanges: dict[str, Exchange] = {}  # engine flow id -> export
         self.client_tls = False  # the client accepted proxytap's certificate
+        self.upstream_error: str | None = None  # the origin's TLS failed (its certificate)
         name = hello.sni or flow.requested_host
         try:
             ipaddress.ip_address(name)
@@ -222,6 +223,7 @@ class ProxytapAddon:
         error = data.conn.error or "TLS handshake failed"
         reason = upstream_tls_reason(error)
         self.services.stats.intercept_upstream_errors[reason] += 1
+        session.upstream_error = error
         flow = session.flow
         log.warning(
             "intercept: origin %s (%s) failed TLS verification: %s",
@@ -240,6 +242,17 @@ class ProxytapAddon:
         h2 = not req.http_version.startswith("HTTP/1")
         ex = session.order.start(keep_length=not h2)
         session.exchanges[f.id] = ex
+        if session.upstream_error is not None:  # nothing goes to an origin that failed TLS
+            status = "tls_certificate_error"
+            if upstream_tls_reason(session.upstream_error) == "handshake":
+                status = "tls_protocol_error"
+            err = ProtocolError(
+                f"the origin's TLS failed: {session.upstream_error}",
+                status=502,
+                proxy_status=status,
+            )
+            f.response = _error_response(session, err)
+            return
         try:
             head = _judge_request(session, f)
         except ProtocolError as err:
@@ -462,16 +475,10 @@ def _error_response(session: Session, err: ProtocolError) -> http.Response:
     config = session.services.config
     status = err.status or 502
     body = (err.reason + "\n").encode("utf-8")
-    return http.Response.make(
-        status,
-        body,
-        {
-            "Content-Type": "text/plain; charset=utf-8",
-            "Proxy-Status": proxy_status_value(
-                config.proxy_name, err.proxy_status or "http_protocol_error"
-            ),
-        },
-    )
+    details = err.reason if err.proxy_status.startswith("tls_") else None
+    proxy_status = proxy_status_value(config.proxy_name, err.proxy_status, details)
+    headers = {"Content-Type": "text/plain; charset=utf-8", "Proxy-Status": proxy_status}
+    return http.Response.make(status, body, headers)
 
 
 def _replace_response(session: Session, f: http.HTTPFlow, err: ProtocolError) -> None:

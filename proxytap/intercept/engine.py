@@ -280,6 +280,7 @@ class Engine:
         tap_read = tap_write = None
         if session.cipher is not None:
             tap_read, tap_write = session.cipher_up, session.cipher_down
+            session.cipher_up(held)  # the ClientHello, read before the engine took over
         c = streams(client, held, False, tap_read, tap_write)
         s = streams(server, b"", False)
         handler = _Handler(self, session, c)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import html
+from pathlib import Path
 
-from proxytap.intercept.ca import CA
+from proxytap.errors import ConfigError
+from proxytap.intercept.ca import CA, load
 
 # (platform, steps): what a person does with the downloaded certificate
 STEPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -117,3 +119,30 @@ def page(ca: CA, base: str = "") -> str:
 
 
 __all__ = ["STEPS", "page"]
+
+
+RESERVED_HOST = "proxytap.ca"  # http://proxytap.ca/ through the proxy: this page
+_TYPES = {
+    "pem": "application/x-pem-file",
+    "der": "application/x-x509-ca-cert",
+    "p12": "application/x-pkcs12",
+}
+
+
+def answer(ca_dir: str | Path, path: bytes) -> tuple[int, str, bytes]:
+    """``http://proxytap.ca/PATH`` through the proxy: ``/`` the page, ``/ca.pem`` ...
+    the certificate; ``(status, content type, body)``."""
+    name = path.partition(b"?")[0].decode("latin-1")
+    try:
+        ca = load(Path(ca_dir))
+    except ConfigError:
+        ca = None
+    if ca is None:
+        text = "proxytap has no CA yet: 'proxytap ca init' creates one\n"
+        return 404, "text/plain; charset=utf-8", text.encode()
+    if name in ("/", "/ca", ""):
+        return 200, "text/html; charset=utf-8", page(ca, "/").encode()
+    fmt = name.removeprefix("/ca.")
+    if name.startswith("/ca.") and fmt in _TYPES:
+        return 200, _TYPES[fmt], ca.export(fmt)
+    return 404, "text/plain; charset=utf-8", b"not found: try http://proxytap.ca/\n"

@@ -1,0 +1,354 @@
+"""What the interception tests share: a real proxytap process, HTTPS origins, export readers.
+
+* ``Intercepting``: ``proxytap run`` as a subprocess with a TOML config written
+  here (listeners, ``[tls]`` interception of ``localhost``, the test CA trusted
+  for origins, SF-TAP flow sockets, the JSON flow log, the admin server).
+* Origins: an aiohttp HTTPS origin with an echo of the request head, a
+  WebSocket echo and a byte source; a hypercorn origin that speaks HTTP/2.
+* ``http_pairs``: the decrypted export parsed the way an HTTP/1.1 analyzer
+  parses a flow, with h11 (strict): the requests of the client-to-server
+  bytes, then the responses of the other direction, paired in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import signal
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h11
+from aiohttp import WSMsgType, web
+
+from tests.certs import Pki
+from tests.conftest import start_proxytap
+from tests.export.sftap_helpers import TapReader
+
+Endpoint = tuple[str, int]
+
+
+@dataclass
+class Intercepting:
+    proc: asyncio.subprocess.Process
+    ports: dict[str, int]
+    lines: list[str]
+    home: Path
+    ca_dir: Path
+    flow_log: Path
+    admin: int
+    stderr: list[str] = field(default_factory=list)
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.ca_dir / "proxytap-ca-cert.pem"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.ports['http']}"
+
+    @property
+    def socks(self) -> str:
+        return f"127.0.0.1:{self.ports['socks']}"
+
+    async def tap(self, name: str) -> TapReader:
+        return await TapReader.connect(self.home / name)
+
+    def flows(self) -> list[dict[str, Any]]:
+        if not self.flow_log.exists():
+            return []
+        return [json.loads(line) for line in self.flow_log.read_text().splitlines() if line]
+
+    async def metrics(self) -> str:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.admin)
+        writer.write(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        data = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        return data.decode()
+
+    async def metric(self, name: str, **labels: str) -> float:
+        text = await self.metrics()
+        for line in text.splitlines():
+            if not line.startswith(name):
+                continue
+            m = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
+            if m is None or m.group(1) != name:
+                continue
+            found = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+            if all(found.get(k) == v for k, v in labels.items()):
+                return float(m.group(3))
+        raise AssertionError(f"no sample {name} {labels}")
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.proc.wait(), 15)
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+def config_text(home: Path, ca_dir: Path, flow_log: Path, pki: Pki, extra: str = "") -> str:
+    return f"""
+[[listeners]]
+kind = "http"
+address = "127.0.0.1:0"
+name = "http"
+
+[[listeners]]
+kind = "socks"
+address = "127.0.0.1:0"
+name = "socks"
+
+[access]
+allow_dest = ["127.0.0.0/8", "::1/128"]
+connect_ports = ["1-65535"]
+
+[tls]
+ca_dir = "{ca_dir}"
+upstream_ca = "{pki.ca_pem}"
+{extra}
+
+[export]
+sftap_home = "{home}"
+
+[log]
+flows = "{flow_log}"
+
+[admin]
+address = "127.0.0.1:0"
+"""
+
+
+async def start_intercepting(
+    home: Path, work: Path, pki: Pki, tls: str = 'intercept = ["localhost"]', extra: str = ""
+) -> Intercepting:
+    """proxytap with ``[tls]`` lines ``tls`` (and more TOML in ``extra``)."""
+    ca_dir = work / "ca"
+    flow_log = work / "flows.jsonl"
+    cfg = work / "proxytap.toml"
+    cfg.write_text(config_text(home, ca_dir, flow_log, pki, tls) + extra)
+    proc, ports, lines = await start_proxytap("--config", str(cfg))
+    admin = 0
+    for line in lines:
+        m = re.search(r"admin: serving http://127\.0\.0\.1:(\d+)/", line)
+        if m:
+            admin = int(m.group(1))
+    assert admin, lines
+    px = Intercepting(proc, ports, lines, home, ca_dir, flow_log, admin)
+    asyncio.get_running_loop().create_task(_drain(proc, px.stderr))
+    return px
+
+
+async def _drain(proc: asyncio.subprocess.Process, into: list[str]) -> None:
+    assert proc.stderr is not None
+    while line := await proc.stderr.readline():
+        into.append(line.decode(errors="replace"))
+
+
+# -- origins ------------------------------------------------------------------------------
+
+
+def echo_app() -> web.Application:
+    async def echo(request: web.Request) -> web.Response:
+        body = await request.read()
+        return web.json_response(
+            {
+                "method": request.method,
+                "path": request.path_qs,
+                "headers": [[k, v] for k, v in request.headers.items()],
+                "body": len(body),
+            }
+        )
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text=f"hello {request.method} {request.path_qs}")
+
+    async def source(request: web.Request) -> web.StreamResponse:
+        n = int(request.match_info["n"])
+        resp = web.StreamResponse(headers={"Content-Length": str(n)})
+        await resp.prepare(request)
+        block = bytes(range(256)) * 256
+        sent = 0
+        while sent < n:
+            step = min(len(block), n - sent)
+            await resp.write(block[:step])
+            sent += step
+        await resp.write_eof()
+        return resp
+
+    async def ws(request: web.Request) -> web.WebSocketResponse:
+        sock = web.WebSocketResponse()
+        await sock.prepare(request)
+        async for msg in sock:
+            if msg.type == WSMsgType.TEXT:
+                await sock.send_str("echo " + msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await sock.send_bytes(b"echo " + msg.data)
+        return sock
+
+    app = web.Application(client_max_size=1 << 30)
+    app.router.add_route("*", "/echo", echo)
+    app.router.add_route("*", "/hello", hello)
+    app.router.add_get("/bytes/{n}", source)
+    app.router.add_get("/ws", ws)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def https_origin(ctx: ssl.SSLContext, host: str = "127.0.0.1") -> AsyncIterator[int]:
+    runner = web.AppRunner(echo_app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, 0, ssl_context=ctx)
+    await site.start()
+    server = site._server
+    assert server is not None
+    try:
+        yield int(server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def h2_origin(pki: Pki) -> AsyncIterator[int]:
+    """hypercorn over TLS offering h2 (ALPN) and http/1.1; answers ``PROTO PATH``."""
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config as HConfig
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        body = f"{scope['http_version']} {scope['path']}".encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/plain")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = int(sock.getsockname()[1])
+    sock.close()
+    cfg = HConfig()
+    cfg.bind = [f"127.0.0.1:{port}"]
+    cfg.certfile = str(pki.cert_pem)
+    cfg.keyfile = str(pki.key_pem)
+    cfg.alpn_protocols = ["h2", "http/1.1"]
+    cfg.accesslog = None
+    cfg.errorlog = None
+    stop = asyncio.Event()
+    task = asyncio.get_running_loop().create_task(
+        serve(app, cfg, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+    )
+    for _ in range(200):
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+            w.close()
+            break
+        except OSError:
+            await asyncio.sleep(0.02)
+    try:
+        yield port
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 10)
+
+
+# -- the export as an HTTP/1.1 analyzer reads it ------------------------------------------
+
+
+@dataclass
+class Message:
+    head: h11.Request | h11.Response | h11.InformationalResponse
+    body: bytes
+
+
+def _events(conn: h11.Connection) -> list[Any]:
+    out = []
+    while True:
+        ev = conn.next_event()
+        if ev is h11.NEED_DATA or ev is h11.PAUSED:
+            return out
+        out.append(ev)
+
+
+def http_pairs(up: bytes, down: bytes) -> list[tuple[Message, Message]]:
+    """Every request of ``up`` with its response in ``down``, parsed strictly (h11)."""
+    server = h11.Connection(h11.SERVER, max_incomplete_event_size=1 << 20)
+    server.receive_data(up)
+    server.receive_data(b"")
+    requests: list[Message] = []
+    while True:
+        ev = server.next_event()
+        if ev is h11.NEED_DATA or isinstance(ev, h11.ConnectionClosed):
+            break
+        assert isinstance(ev, h11.Request), ev
+        body = b""
+        while True:
+            nxt = server.next_event()
+            if isinstance(nxt, h11.Data):
+                body += nxt.data
+            elif isinstance(nxt, h11.EndOfMessage):
+                break
+            else:
+                raise AssertionError(f"request {ev.target!r} cut: {nxt}")
+        requests.append(Message(ev, body))
+        server.send(h11.Response(status_code=204, headers=[]))
+        server.send(h11.EndOfMessage())
+        server.start_next_cycle()
+    client = h11.Connection(h11.CLIENT, max_incomplete_event_size=1 << 20)
+    client.receive_data(down)
+    pairs = []
+    for req in requests:
+        head = req.head
+        assert isinstance(head, h11.Request)
+        client.send(h11.Request(method=head.method, target=head.target, headers=head.headers))
+        client.send(h11.EndOfMessage())
+        resp: h11.Response | None = None
+        body = b""
+        while True:
+            ev = client.next_event()
+            if isinstance(ev, h11.InformationalResponse):
+                if ev.status_code == 101:  # a protocol switch: the HTTP part ends here
+                    pairs.append((req, Message(ev, b"")))
+                    return pairs
+                continue
+            if isinstance(ev, h11.Response):
+                resp = ev
+            elif isinstance(ev, h11.Data):
+                body += ev.data
+            elif isinstance(ev, h11.EndOfMessage):
+                break
+            else:
+                raise AssertionError(f"response to {head.target!r} cut: {ev}")
+        assert resp is not None
+        pairs.append((req, Message(resp, body)))
+        if resp.status_code == 101:
+            break
+        client.start_next_cycle()
+    return pairs
+
+
+def header(msg: Message, name: str) -> str | None:
+    for k, v in msg.head.headers:
+        if k.decode().lower() == name.lower():
+            return v.decode("latin-1")
+    return None

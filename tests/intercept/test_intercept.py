@@ -1,0 +1,510 @@
+"""TLS interception end to end (issue D): real curl, real origins, a real proxytap process.
+
+Every test runs ``proxytap run`` with ``[tls] intercept = ["localhost"]`` (the
+origins' test CA trusted through ``tls.upstream_ca``), drives curl (CONNECT
+with ``-x``, SOCKS5 with ``--socks5-hostname``, HTTP/2 with ``--http2``) or
+aiohttp (WebSocket) through it with proxytap's CA trusted, and checks what
+the origin saw, what the client got, what an analyzer reads on the flow
+sockets (parsed by h11, as an HTTP/1.1 analyzer parses a flow), the JSON flow
+log and the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import os
+import ssl
+import stat
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from proxytap.proto.sftap import DESTROYED
+from tests.certs import Pki
+from tests.conftest import run
+from tests.export.sftap_helpers import TapReader, check_stream, short_tmp
+from tests.intercept.interception import (
+    Intercepting,
+    h2_origin,
+    header,
+    http_pairs,
+    https_origin,
+    start_intercepting,
+)
+
+Endpoint = tuple[str, int]
+
+
+@pytest.fixture
+def home() -> Iterator[Path]:
+    with short_tmp() as d:
+        yield d
+
+
+@pytest.fixture
+async def px(home: Path, tmp_path: Path, pki: Pki) -> AsyncIterator[Intercepting]:
+    p = await start_intercepting(
+        home,
+        tmp_path,
+        pki,
+        extra="""
+[http]
+methods = ["GET", "HEAD", "POST", "PUT", "OPTIONS", "CONNECT"]
+
+[[http.request_rules]]
+action = "remove"
+name = "X-Secret"
+
+[[http.request_rules]]
+action = "add"
+name = "X-Via-Proxytap"
+value = "yes"
+""",
+    )
+    yield p
+    await p.stop()
+
+
+@pytest.fixture
+async def origin(pki: Pki) -> AsyncIterator[int]:
+    async with https_origin(pki.server_context()) as port:
+        yield port
+
+
+async def curl(*args: str) -> tuple[int, str, str]:
+    rc, out, err = await run("curl", "-sS", "--max-time", "30", *args)
+    return rc, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def final_status(out: str) -> int:
+    """The status of the last response head in curl's ``-i`` output (after CONNECT's 200)."""
+    lines = [line for line in out.splitlines() if line.startswith("HTTP/")]
+    return int(lines[-1].split()[1])
+
+
+def local(w: str) -> Endpoint:
+    ip, port = w.split()[-2:]
+    return ip, int(port)
+
+
+async def one_flow(
+    tap: TapReader, within: float = 15
+) -> tuple[tuple[Endpoint, Endpoint], bytes, bytes]:
+    """The next whole flow on ``tap``: its two endpoints and both directions' bytes."""
+    events = await tap.until(lambda ev: ev.event == DESTROYED, within)
+    flows = check_stream(events)
+    assert len(flows) == 1, flows.keys()
+    (rec,) = flows.values()
+    key = rec.created.key
+    assert rec.destroyed is not None
+    ends = ((key.ip1, key.port1), (key.ip2, key.port2))
+    return ends, bytes(rec.up), bytes(rec.down)
+
+
+# == CONNECT and SOCKS5: decrypted on tcp/http with the true endpoints ====================
+
+
+@pytest.mark.parametrize("via", ["connect", "socks5"])
+async def test_intercepted_exchange_is_exported_decrypted(
+    px: Intercepting, origin: int, via: str
+) -> None:
+    tap = await px.tap("tcp/http")
+    ssl_tap = await px.tap("tcp/ssl")
+    try:
+        proxy = ["-x", px.http] if via == "connect" else ["--socks5-hostname", px.socks]
+        rc, out, err = await curl(
+            *proxy,
+            "--cacert",
+            str(px.ca_cert),
+            "--http1.1",
+            "-H",
+            "X-Secret: s3cret",
+            "-H",
+            "X-Kept: 1",
+            "-w",
+            "\n%{local_ip} %{local_port}",
+            f"https://localhost:{origin}/echo?q=1",
+        )
+        assert rc == 0, err
+        body, _, w = out.rpartition("\n")
+        seen = json.loads(body)
+        client = local(w)
+        # the origin saw the request after the header rules of issue C, inside TLS
+        names = {k.lower(): v for k, v in seen["headers"]}
+        assert "x-secret" not in names
+        assert names["x-via-proxytap"] == "yes"
+        assert names["x-kept"] == "1"
+        assert names["via"] == "1.1 proxytap"
+        ends, up, down = await one_flow(tap)
+        assert set(ends) == {client, ("127.0.0.1", origin)}
+        ((req, resp),) = http_pairs(up, down)
+        assert req.head.method == b"GET" and req.head.target == b"/echo?q=1"  # type: ignore[union-attr]
+        assert header(req, "x-secret") is None and header(req, "x-via-proxytap") == "yes"
+        assert header(req, "host") == f"localhost:{origin}"
+        assert resp.head.status_code == 200
+        assert json.loads(resp.body) == seen  # the response as the origin sent it
+        assert await ssl_tap.nothing_within(0.3)  # no ciphertext export by default
+    finally:
+        tap.close()
+        ssl_tap.close()
+    await _flow_logged(px, client, decrypted=True)
+    (record,) = [f for f in px.flows() if f["id.orig_p"] == client[1]]
+    assert record["service"] == "http"
+    assert record["tunnel"] == ("http-connect" if via == "connect" else "socks5")
+    assert record["sni"] == "localhost"
+    assert record["tls_version"] in ("TLSv1.2", "TLSv1.3")
+    assert record["tls_cipher"]
+    assert record["ja3"] and record["ja4"]
+    assert await px.metric("proxytap_intercept_decisions_total", outcome="intercepted") >= 1
+
+
+async def _flow_logged(px: Intercepting, client: Endpoint, decrypted: bool) -> None:
+    for _ in range(200):
+        hits = [f for f in px.flows() if f["id.orig_p"] == client[1]]
+        if hits:
+            assert hits[0]["decrypted"] is decrypted, hits
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no flow record for {client}: {px.flows()}")
+
+
+# == passthrough: the ciphertext on tcp/ssl, unchanged =====================================
+
+
+async def test_passthrough_host_is_exported_as_ciphertext(
+    px: Intercepting, origin: int, pki: Pki
+) -> None:
+    tap = await px.tap("tcp/ssl")
+    try:
+        rc, out, err = await curl(
+            "-x",
+            px.http,
+            "--cacert",
+            str(pki.ca_pem),  # the origin's own certificate: nothing in between
+            "-w",
+            "\n%{local_ip} %{local_port}",
+            f"https://127.0.0.1:{origin}/hello",
+        )
+        assert rc == 0, err
+        body, _, w = out.rpartition("\n")
+        assert body == "hello GET /hello"
+        client = local(w)
+        ends, up, down = await one_flow(tap)
+        assert set(ends) == {client, ("127.0.0.1", origin)}
+        assert up[:1] == b"\x16" and down[:1] == b"\x16"  # TLS records both ways
+        assert b"GET /hello" not in up
+    finally:
+        tap.close()
+    await _flow_logged(px, client, decrypted=False)
+    assert (
+        await px.metric(
+            "proxytap_intercept_decisions_total", outcome="passthrough", reason="not-listed"
+        )
+        >= 1
+    )
+
+
+async def test_plain_bytes_inside_connect_never_reach_the_engine(
+    px: Intercepting, pki: Pki
+) -> None:
+    """A CONNECT to an intercepted name whose client speaks plain HTTP: relayed as is."""
+    from aiohttp import web
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="plain")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        rc, out, err = await curl(
+            "-p", "-x", px.http, "-w", "\n%{local_ip} %{local_port}", f"http://localhost:{port}/"
+        )
+        assert rc == 0, err
+        body, _, w = out.rpartition("\n")
+        assert body == "plain"
+        await _flow_logged(px, local(w), decrypted=False)
+    finally:
+        await runner.cleanup()
+
+
+# == C's rules inside TLS =================================================================
+
+
+async def test_request_refused_in_plain_http_is_refused_inside_tls(
+    px: Intercepting, origin: int
+) -> None:
+    """TRACE is not in http.methods: 501 with Proxy-Status, in plain HTTP and inside TLS."""
+    rc, plain, err = await curl("-x", px.http, "-X", "DELETE", "-i", "http://127.0.0.1:9/x")
+    assert rc == 0, err
+    rc, tls, err = await curl(
+        "-x",
+        px.http,
+        "--cacert",
+        str(px.ca_cert),
+        "-X",
+        "DELETE",
+        "-i",
+        f"https://localhost:{origin}/echo",
+    )
+    assert rc == 0, err
+    for answer in (plain, tls):
+        assert final_status(answer) == 501, answer
+        assert "proxy-status: proxytap; error=http_request_denied" in answer.lower()
+        assert "method DELETE is not allowed" in answer
+    assert await px.metric("proxytap_intercept_refusals_total", what="request") == 1
+
+
+# == HTTP/2 ===============================================================================
+
+
+async def test_http2_concurrent_streams_pair_for_an_http1_analyzer(
+    px: Intercepting, pki: Pki, tmp_path: Path
+) -> None:
+    async with h2_origin(pki) as port:
+        tap = await px.tap("tcp/http")
+        try:
+            args = ["-x", px.http, "--cacert", str(px.ca_cert), "--http2", "--parallel"]
+            args += ["-w", "%{http_version} %{local_port}\n"]
+            for i in range(8):
+                args += ["-o", str(tmp_path / f"s{i}"), f"https://localhost:{port}/s{i}"]
+            rc, out, err = await curl(*args)
+            assert rc == 0, err
+            # curl multiplexed every stream over one connection, HTTP/2 on both legs
+            stats = {tuple(line.split()) for line in out.splitlines()}
+            assert len(stats) == 1 and next(iter(stats))[0] == "2", out
+            for i in range(8):
+                assert (tmp_path / f"s{i}").read_text() == f"2 /s{i}"
+            _, up, down = await one_flow(tap)
+        finally:
+            tap.close()
+    pairs = http_pairs(up, down)
+    assert len(pairs) == 8
+    for req, resp in pairs:
+        path = req.head.target.decode()  # type: ignore[union-attr]
+        assert resp.body.decode() == f"2 {path}"  # each response follows its own request
+        assert header(req, "host") == f"localhost:{port}"
+    assert sorted(r.head.target for r, _ in pairs) == sorted(  # type: ignore[union-attr]
+        f"/s{i}".encode() for i in range(8)
+    )
+    assert await px.metric("proxytap_intercept_requests_total", protocol="http2") == 8
+
+
+# == WebSocket ============================================================================
+
+
+async def test_websocket_echo_through_interception(px: Intercepting, origin: int) -> None:
+    """The handshake and the messages' payloads land on tcp/websocket (the abstractor's rule)."""
+    tap = await px.tap("tcp/websocket")
+    ctx = ssl.create_default_context(cafile=str(px.ca_cert))
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(f"wss://localhost:{origin}/ws", proxy=px.http, ssl=ctx) as ws,
+        ):
+            for i in range(3):
+                await ws.send_str(f"m{i}")
+                assert (await ws.receive_str()) == f"echo m{i}"
+            await ws.send_bytes(b"\x00bin")
+            assert (await ws.receive_bytes()) == b"echo \x00bin"
+        _, up, down = await one_flow(tap)
+    finally:
+        tap.close()
+    up_head = up[: up.index(b"\r\n\r\n") + 4]
+    down_head = down[: down.index(b"\r\n\r\n") + 4]
+    ((req, resp),) = http_pairs(up_head, down_head)
+    assert header(req, "upgrade") == "websocket"
+    assert resp.head.status_code == 101
+    # then the messages' payloads, in order, each direction
+    assert up.endswith(b"m0m1m2\x00bin")
+    assert down.endswith(b"echo m0echo m1echo m2echo \x00bin")
+
+
+# == origin certificates ==================================================================
+
+
+def _leaf(pki: Pki, directory: Path, kind: str) -> ssl.SSLContext:
+    """A server context whose certificate is expired, names another host, or is self-signed."""
+    raw = pki.ca_pem.read_bytes()
+    ca_cert = x509.load_pem_x509_certificate(raw)
+    ca_key_path = pki.ca_pem.with_name("ca-key.pem")
+    now = datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = "elsewhere.test" if kind == "wrong_name" else "localhost"
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    if kind == "self_signed" or not ca_key_path.exists():
+        issuer, signer = subject, key
+    else:
+        signer = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)  # type: ignore[assignment]
+        issuer = ca_cert.subject
+    start, end = now - datetime.timedelta(days=1), now + datetime.timedelta(days=1)
+    if kind == "expired":
+        start, end = now - datetime.timedelta(days=10), now - datetime.timedelta(days=2)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(signer, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    cert_path = directory / f"{kind}.pem"
+    key_path = directory / f"{kind}-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert_path, key_path)
+    return ctx
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [("expired", "expired"), ("wrong_name", "wrong_name"), ("self_signed", "untrusted")],
+)
+async def test_bad_origin_certificate_is_refused_and_counted(
+    px: Intercepting, pki: Pki, tmp_path: Path, kind: str, reason: str
+) -> None:
+    if kind != "self_signed":
+        assert pki.ca_pem.with_name("ca-key.pem").exists(), "tests/certs.py keeps the CA key"
+    async with https_origin(_leaf(pki, tmp_path, kind)) as port:
+        rc, out, err = await curl(
+            "-x", px.http, "--cacert", str(px.ca_cert), "-i", f"https://localhost:{port}/hello"
+        )
+    assert rc == 0, err
+    assert final_status(out) == 502, out
+    assert "proxy-status: proxytap; error=tls_certificate_error" in out.lower()
+    assert "hello" not in out.split("\r\n\r\n", 1)[1][:5]
+    assert await px.metric("proxytap_intercept_upstream_tls_errors_total", reason=reason) == 1
+    assert any("failed TLS verification" in line for line in px.stderr)
+
+
+# == pinning fail-open ====================================================================
+
+
+async def test_client_that_rejects_the_leaf_gets_the_host_passed_through(
+    px: Intercepting, origin: int, pki: Pki
+) -> None:
+    url = f"https://localhost:{origin}/hello"
+    # a client that trusts only the origin's CA rejects proxytap's leaf (unknown CA)
+    rc, _, err = await curl("-x", px.http, "--cacert", str(pki.ca_pem), url)
+    assert rc != 0 and "certificate" in err.lower(), err
+    assert await px.metric("proxytap_intercept_client_tls_failures_total", reason="rejected") == 1
+    assert await px.metric("proxytap_intercept_pinned_pairs") == 1
+    # the same client again: passed through untouched, so the origin's own certificate works
+    rc, out, err = await curl(
+        "-x", px.http, "--cacert", str(pki.ca_pem), "-w", "\n%{local_ip} %{local_port}", url
+    )
+    assert rc == 0, err
+    body, _, w = out.rpartition("\n")
+    assert body == "hello GET /hello"
+    await _flow_logged(px, local(w), decrypted=False)
+    assert (
+        await px.metric(
+            "proxytap_intercept_decisions_total", outcome="passthrough", reason="pinned"
+        )
+        == 1
+    )
+    assert any("rejected proxytap's certificate" in line for line in px.stderr)
+
+
+# == key log, reserved name, ciphertext export ============================================
+
+
+async def test_keylog_ciphertext_export_and_reserved_name(
+    home: Path, tmp_path: Path, pki: Pki, origin: int
+) -> None:
+    keylog = tmp_path / "keys" / "tls-keys.log"
+    px = await start_intercepting(
+        home,
+        tmp_path,
+        pki,
+        tls=f'intercept = ["localhost"]\nkeylog_file = "{keylog}"\nexport_ciphertext = true',
+    )
+    try:
+        assert stat.S_IMODE(os.stat(px.ca_dir / "proxytap-ca.pem").st_mode) == 0o600
+        ssl_tap = await px.tap("tcp/ssl")
+        try:
+            rc, out, err = await curl(
+                "-x", px.http, "--cacert", str(px.ca_cert), f"https://localhost:{origin}/hello"
+            )
+            assert rc == 0, err
+            assert out == "hello GET /hello"
+            ends, up, down = await one_flow(ssl_tap)
+            assert up[:1] == b"\x16" and down[:1] == b"\x16"
+            assert ("127.0.0.1", origin) in ends
+        finally:
+            ssl_tap.close()
+        assert stat.S_IMODE(os.stat(keylog).st_mode) == 0o600
+        labels = {line.split()[0] for line in keylog.read_text().splitlines() if line}
+        assert "CLIENT_TRAFFIC_SECRET_0" in labels or "CLIENT_RANDOM" in labels
+        rc, page, err = await curl("-x", px.http, "http://proxytap.ca/")
+        assert rc == 0, err
+        assert "proxytap" in page and "SHA-256" in page
+        rc, pem, err = await curl("-x", px.http, "http://proxytap.ca/ca.pem")
+        assert pem == px.ca_cert.read_text()
+    finally:
+        await px.stop()
+
+
+# == memory: a long download through interception is streamed ===============================
+
+
+@pytest.mark.slow
+async def test_500_mib_download_keeps_rss_bounded(px: Intercepting, origin: int) -> None:
+    size = 500 << 20
+    assert px.proc.pid is not None
+    status = Path(f"/proc/{px.proc.pid}/status")
+
+    def rss() -> int:
+        for line in status.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    peak = rss()
+    task = asyncio.ensure_future(
+        run(
+            "curl",
+            "-sS",
+            "--max-time",
+            "300",
+            "-x",
+            px.http,
+            "--cacert",
+            str(px.ca_cert),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download}",
+            f"https://localhost:{origin}/bytes/{size}",
+            timeout=320,
+        )
+    )
+    while not task.done():
+        peak = max(peak, rss())
+        await asyncio.sleep(0.05)
+    rc, out, err = task.result()
+    assert rc == 0, err
+    assert int(out) == size
+    assert peak < 200 << 20, f"peak RSS {peak >> 20} MiB"
