@@ -8,8 +8,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 # nginx, squid and danted live in sbin, which a bare or non-root PATH lacks
 case ":$PATH:" in *:/usr/sbin:*) ;; *) export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin" ;; esac
+MODE=all                                 # `bench/run.sh intercept`: the interception pass alone
+if [ "${1:-}" = intercept ]; then
+    MODE=intercept
+    shift
+fi
 if [ $# -gt 0 ]; then
-    echo "bench/run.sh takes no arguments; set BENCH_* / PB_* variables (see bench/README.md)" >&2
+    echo "usage: bench/run.sh [intercept]; set BENCH_* / PB_* variables (see bench/README.md)" >&2
     exit 2
 fi
 
@@ -26,6 +31,7 @@ ROUND_PEERS=${BENCH_ROUND_PEERS-squid}
 EXPORT=${BENCH_EXPORT:-1}                # 0: skip the export-ON pass
 EXPORT_WAIT=${BENCH_EXPORT_WAIT:-1}      # 1: also an export-ON pass with --export-overload wait
 ADMIN_PORT=${BENCH_ADMIN_PORT:-13190}    # proxytap's admin server (export counters per process)
+INTERCEPT=${BENCH_INTERCEPT:-1}          # 1: the interception pass (bench/intercept.py) at the end
 HTTP_PORT=${BENCH_HTTP_PORT:-13180}
 SOCKS_PORT=${BENCH_SOCKS_PORT:-13181}
 VENV=$ROOT/.venv
@@ -183,6 +189,7 @@ need gcc gcc
 need ss iproute2
 need ps procps
 case ",$PEERS," in *,none,*) PEERS="" ;; esac
+[ "$MODE" = intercept ] && PEERS=""      # the interception pass runs mitmdump itself
 IFS=, read -r -a PEER_LIST <<<"$PEERS"
 for p in "${PEER_LIST[@]}"; do
     case $p in
@@ -216,6 +223,21 @@ for p in "${PEER_LIST[@]}"; do
         proxy.py | pproxy-*) log "peer $p needs its package in PB_VENV=$PB_VENV (see $SHARED/README.md)" ;;
     esac
 done
+
+# ------------------------------------------------------------------ interception pass
+# bench/intercept.py: its own HTTPS origin (nginx), proxytap and mitmdump decrypting it one after
+# the other; bounded (about 2.5 min); it stops what it starts on SIGTERM
+intercept_pass() {
+    log "== interception: proxytap vs mitmdump (bench/intercept.py)"
+    bg_wait "$VPY" "$ROOT/bench/intercept.py" --out "$OUT" --proxytap "$PROXYTAP" \
+        --mitmdump "$PB_VENV/bin/mitmdump"
+}
+if [ "$MODE" = intercept ]; then
+    mkdir -p "$OUT"
+    rc=0
+    intercept_pass || rc=$?
+    exit "$rc"
+fi
 
 for port in "$HTTP_PORT" "$SOCKS_PORT"; do
     port_busy "$port" && die "port $port is already in use (set BENCH_HTTP_PORT / BENCH_SOCKS_PORT)"
@@ -530,6 +552,10 @@ if [ ${#PEER_LIST[@]} -gt 0 ]; then
     fi
 fi
 
+if [ "$INTERCEPT" = 1 ]; then
+    intercept_pass || note "bench/intercept.py exited with status $? (see ${OUT#"$ROOT"/}/intercept.md)"
+fi
+
 # ------------------------------------------------------------------ report
 [ ${#JSONS[@]} -gt 0 ] || die "no results written"
 "$PY3" "$ROOT/bench/summarize.py" merge "$OUT/all.json" "${JSONS[@]}"
@@ -566,6 +592,10 @@ done
     "$PY3" "$ROOT/bench/summarize.py" summary "$OUT/all.json" --d-count "$D_COUNT" \
         $(for c in "$OUT"/export-*.prom; do [ -f "$c" ] && printf -- '--counters %s ' "$c"; done) \
         "${READER_ARGS[@]}" || echo "(summarize.py failed)"
+    if [ "$INTERCEPT" = 1 ] && [ -f "$OUT/intercept.md" ]; then
+        echo
+        cat "$OUT/intercept.md"
+    fi
     echo
     echo "## proxytap problems seen"
     echo
