@@ -508,3 +508,75 @@ async def test_500_mib_download_keeps_rss_bounded(px: Intercepting, origin: int)
     assert rc == 0, err
     assert int(out) == size
     assert peak < 200 << 20, f"peak RSS {peak >> 20} MiB"
+
+
+# == PCAP (issue F): the decrypted flow as plaintext HTTP between the true endpoints ========
+
+
+async def test_intercepted_flow_in_pcap_dissects_as_http(
+    home: Path, tmp_path: Path, pki: Pki, origin: int
+) -> None:
+    pcap_dir = tmp_path / "pcap"
+    px = await start_intercepting(
+        home, tmp_path, pki, extra=f'\n[export.pcap]\ndir = "{pcap_dir}"\n'
+    )
+    try:
+        rc, out, err = await curl(
+            "-x",
+            px.http,
+            "--cacert",
+            str(px.ca_cert),
+            "-w",
+            "\n%{local_ip} %{local_port}",
+            f"https://localhost:{origin}/hello?pcap",
+        )
+        assert rc == 0, err
+        body, _, w = out.rpartition("\n")
+        assert body == "hello GET /hello?pcap"
+        client = local(w)
+        await _flow_logged(px, client, decrypted=True)
+    finally:
+        await px.stop()  # the file is complete once proxytap stopped
+    (path,) = sorted(pcap_dir.glob("*.pcap"))
+    # the origin's port is not 80: tell tshark it is HTTP (with 443: -d tcp.port==443,http)
+    rc, fields, err = await run(
+        "tshark",
+        "-r",
+        str(path),
+        "-d",
+        f"tcp.port=={origin},http",
+        "-Y",
+        "http",
+        "-T",
+        "fields",
+        "-E",
+        "separator=|",
+        "-e",
+        "ip.src",
+        "-e",
+        "tcp.srcport",
+        "-e",
+        "ip.dst",
+        "-e",
+        "tcp.dstport",
+        "-e",
+        "http.host",
+        "-e",
+        "http.request.uri",
+        "-e",
+        "http.response.code",
+    )
+    assert rc == 0, err
+    rows = [line.split("|") for line in fields.decode().splitlines()]
+    assert rows == [
+        [
+            client[0],
+            str(client[1]),
+            "127.0.0.1",
+            str(origin),
+            f"localhost:{origin}",
+            "/hello?pcap",
+            "",
+        ],
+        ["127.0.0.1", str(origin), client[0], str(client[1]), "", "", "200"],
+    ], rows
