@@ -583,6 +583,28 @@ async def test_ca_init_container_copies_the_key(tmp_path: Path) -> None:
     assert key.stat().st_mode & 0o777 == 0o600
 
 
+# == HAProxy ===============================================================================
+
+
+async def test_haproxy_config_checks_and_targets_the_listener_ports() -> None:
+    """``haproxy -c`` on the shipped file as it is (tests/front/test_haproxy.py runs it with
+    loopback addresses); its servers are proxytap's HTTP and SOCKS ports, its health
+    checks the admin port, and every server sends the PROXY protocol."""
+    haproxy = _tool("haproxy", "haproxy")
+    path = DEPLOY / "haproxy" / "haproxy.cfg"
+    rc, out, err = await run(haproxy, "-c", "-f", str(path))
+    assert rc == 0, (out, err)
+    assert "Configuration file is valid" in out.decode() + err.decode()
+    servers = re.findall(r"^\s*server \S+ \S+:(\d+) (.*)$", path.read_text(), re.M)
+    assert servers
+    cfg = load(SYSTEMD / "proxytap.toml")
+    ports = {lst.port for lst in cfg.listeners}
+    for port, options in servers:
+        assert int(port) in ports
+        assert "send-proxy-v2" in options.split()
+        assert f"check port {cfg.admin.port}" in options
+
+
 # == PAC ====================================================================================
 
 
