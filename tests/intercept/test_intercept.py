@@ -15,8 +15,10 @@ import asyncio
 import datetime
 import json
 import os
+import socket
 import ssl
 import stat
+import struct
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -580,3 +582,61 @@ async def test_intercepted_flow_in_pcap_dissects_as_http(
         ],
         ["127.0.0.1", str(origin), client[0], str(client[1]), "", "", "200"],
     ], rows
+
+
+# == endings: abrupt clients and origins leave nothing behind ================================
+
+
+async def test_abrupt_endings_leave_no_session_behind(px: Intercepting, origin: int) -> None:
+    """Clients that reset mid-handshake, mid-request and mid-download; all accounted for."""
+    ctx = ssl.create_default_context(cafile=str(px.ca_cert))
+    host, port = "127.0.0.1", px.ports["http"]
+    connect = f"CONNECT localhost:{origin} HTTP/1.1\r\nHost: localhost:{origin}\r\n\r\n".encode()
+
+    async def tunnel() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        r, w = await asyncio.open_connection(host, port)
+        w.write(connect)
+        assert (await r.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        return r, w
+
+    def reset(w: asyncio.StreamWriter) -> None:
+        sock = w.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        w.transport.abort()
+
+    # 1. half a ClientHello, then a reset
+    r, w = await tunnel()
+    w.write(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+    await asyncio.sleep(0.1)
+    reset(w)
+    # 2. a whole handshake, half a request, then a reset
+    r, w = await tunnel()
+    await w.start_tls(ctx, server_hostname="localhost")
+    w.write(b"GET /hello HTTP/1.1\r\nHost: local")
+    await asyncio.sleep(0.1)
+    w.transport.abort()
+    # 3. a download abandoned in the middle
+    r, w = await tunnel()
+    await w.start_tls(ctx, server_hostname="localhost")
+    w.write(f"GET /bytes/{50 << 20} HTTP/1.1\r\nHost: localhost:{origin}\r\n\r\n".encode())
+    await r.readexactly(1 << 20)
+    w.transport.abort()
+    # and the proxy still serves
+    rc, out, err = await curl(
+        "-x", px.http, "--cacert", str(px.ca_cert), f"https://localhost:{origin}/hello"
+    )
+    assert rc == 0 and out == "hello GET /hello", err
+    for _ in range(200):
+        if await px.metric("proxytap_intercept_sessions_active") == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert await px.metric("proxytap_intercept_sessions_active") == 0
+    assert (
+        await px.metric(
+            "proxytap_downstream_connections_active", listener="http", protocol="http-connect"
+        )
+        == 0
+    )
+    records = px.flows()
+    assert len(records) == 4, records  # every tunnel's flow ended and was logged
+    assert not any("Traceback" in line for line in px.stderr), "".join(px.stderr)
