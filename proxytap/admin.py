@@ -96,6 +96,7 @@ def flow_json(flow: Flow, now: float) -> dict[str, Any]:
         "client": {"ip": flow.client[0], "port": flow.client[1]},
         "server": {"ip": flow.server[0], "port": flow.server[1]},
         "requested": {"host": flow.requested_host, "port": flow.requested_port},
+        "via": flow.via.proxy if flow.via is not None else None,  # upstream proxy (chaining)
         "l4": flow.l4,
         "l7": flow.l7,
         "state": flow.state.value,

@@ -22,6 +22,7 @@ from proxytap.errors import ConfigError, unknown_key
 from proxytap.export.channel import MIN_SNDBUF, OVERLOAD_POLICIES
 from proxytap.policy.acl import AccessConfig, parse_network
 from proxytap.policy.auth import AuthConfig
+from proxytap.policy.chain import build_proxies
 from proxytap.policy.headers import HttpConfig
 from proxytap.policy.intercept import InterceptPolicy
 from proxytap.proto.pcap import MAX_MSS
@@ -140,12 +141,17 @@ class Timeouts:
 class UpstreamConfig:
     happy_eyeballs_delay: float = 0.25  # RFC 8305 connection attempt delay
     prefer: str = "any"  # "any" (resolver order), "ipv4", "ipv6"
+    # [[upstream.proxies]]: upstream proxies an [[access.rules]] rule routes through with
+    # via = NAME (proxytap.policy.chain): name, url (http:// socks5:// socks5h:// socks4://
+    # socks4a:// HOST:PORT), username, password or password_file
+    proxies: tuple[Mapping[str, Any], ...] = ()
 
     def validate(self, key: str) -> None:
         if self.happy_eyeballs_delay < 0:
             raise ConfigError(f"{key}.happy_eyeballs_delay", "must be >= 0")
         if self.prefer not in ("any", "ipv4", "ipv6"):
             raise ConfigError(f"{key}.prefer", "must be any, ipv4 or ipv6")
+        build_proxies(self.proxies, f"{key}.proxies")
 
 
 @dataclass(frozen=True)
@@ -432,6 +438,14 @@ class Config:
         self.log.validate("log")
         self.admin.validate("admin")
         self.access.validate("access")
+        proxies = build_proxies(self.upstream.proxies, "upstream.proxies")
+        for i, rule in enumerate(self.access.rules):
+            via = rule.get("via")
+            if isinstance(via, str) and via not in proxies:
+                known = ", ".join(sorted(proxies)) or "none configured"
+                raise ConfigError(
+                    f"access.rules[{i}].via", f"no [[upstream.proxies]] entry {via!r} ({known})"
+                )
         self.auth.validate("auth")
         self.tls.validate("tls")
         self.http.validate("http")

@@ -81,6 +81,9 @@ class Failure(enum.Enum):
     # limit, a temporary condition, not a fault (RFC 9209 has no closer type)
     NO_RESOURCES = "connection_limit_reached"
     INTERNAL = "proxy_internal_error"
+    # an upstream proxy (chaining) refused proxytap's credentials: the proxy's own
+    # configuration is wrong, not the client's request
+    PROXY_CONFIG = "proxy_configuration_error"
 
     @property
     def http_status(self) -> int:
@@ -106,6 +109,7 @@ _HTTP_STATUS = {
     Failure.DENIED: 403,
     Failure.NO_RESOURCES: 503,
     Failure.INTERNAL: 502,
+    Failure.PROXY_CONFIG: 502,
 }
 
 # RFC 1928 section 6.
@@ -120,6 +124,7 @@ _SOCKS5_CODE = {
     Failure.DENIED: 0x02,
     Failure.NO_RESOURCES: 0x01,
     Failure.INTERNAL: 0x01,
+    Failure.PROXY_CONFIG: 0x01,
 }
 
 _DESCRIPTION = {
@@ -133,6 +138,8 @@ _DESCRIPTION = {
     Failure.DENIED: "the request is not allowed by policy",
     Failure.NO_RESOURCES: "the proxy has no connection to spare; try again later",
     Failure.INTERNAL: "the proxy could not connect to the destination",
+    Failure.PROXY_CONFIG: "the proxy's upstream proxy refused its request (check the proxy's "
+    "[[upstream.proxies]] credentials)",
 }
 
 

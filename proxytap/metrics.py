@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from proxytap import __version__
 from proxytap.errors import Failure
 from proxytap.flows.stats import LATENCY_BUCKETS, Buckets
+from proxytap.front.chain import STAGES as CHAIN_STAGES
 from proxytap.front.proxyheader import RESULTS as PROXY_HEADER_RESULTS
 from proxytap.front.services import CLIENT_ACL
 from proxytap.front.udp import DROP_REASONS as UDP_DROP_REASONS
@@ -223,6 +224,17 @@ METRICS: dict[str, tuple[str, str]] = {
     "proxytap_upstream_connect_errors_total": (
         "counter",
         "Failed or refused upstream connects, by Proxy-Status error type",
+    ),
+    "proxytap_upstream_proxy_connections_total": (
+        "counter",
+        "Connections opened through an upstream proxy (chaining: an [[access.rules]] rule "
+        "with via), by [[upstream.proxies]] name",
+    ),
+    "proxytap_upstream_proxy_errors_total": (
+        "counter",
+        "Failed connects through an upstream proxy, by proxy and reason (connect: not "
+        "reachable; timeout; auth: it refused proxytap's credentials; refused: it reported "
+        "a failure for the destination; protocol: a malformed answer or it closed)",
     ),
     "proxytap_upstream_connections_active": (
         "gauge",
@@ -478,6 +490,7 @@ class ProxytapCollector(Collector):
         family = _counter("proxytap_upstream_connect_errors_total", ("listener", "reason"))
         _fill(family, errors)
         yield family
+        yield from self._chaining()
 
         # -- flows and bytes ----------------------------------------------------------
         flows = list(table.flows.values())
@@ -565,6 +578,18 @@ class ProxytapCollector(Collector):
         yield family
         family = _counter("proxytap_udp_dropped_datagrams_total", ("listener", "reason"))
         _fill(family, {**{(n, r): 0 for n in names for r in UDP_DROP_REASONS}, **stats.udp_dropped})
+        yield family
+
+    def _chaining(self) -> Iterator[Metric]:
+        """Upstream proxies (chaining)."""
+        stats = self.app.services.stats
+        proxies = list(self.app.services.upstreams.proxies)
+        family = _counter("proxytap_upstream_proxy_connections_total", ("proxy",))
+        _fill(family, {**dict.fromkeys(proxies, 0), **stats.proxy_connects})
+        yield family
+        family = _counter("proxytap_upstream_proxy_errors_total", ("proxy", "reason"))
+        known = {(p, stage): 0 for p in proxies for stage in CHAIN_STAGES}
+        _fill(family, {**known, **stats.proxy_errors})
         yield family
 
     def _known_denials(self) -> dict[tuple[str, str], int]:

@@ -9,6 +9,9 @@ command -v tshark >/dev/null 2>&1 || need+=(tshark)
 command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 # systemd-analyze, systemd-sysusers, systemd-tmpfiles: checks of deploy/systemd (no running systemd needed)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+# upstream proxies of the chaining tests (run by the tests on loopback ports, never as services)
+command -v microsocks >/dev/null 2>&1 || need+=(microsocks)
+command -v squid >/dev/null 2>&1 || need+=(squid)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "tests need: ${need[*]} (install them with apt-get, or run as root)" >&2
@@ -22,5 +25,8 @@ if [ ${#need[@]} -gt 0 ]; then
   # the tests run their own haproxy on loopback ports; the packaged service stays off
   if [[ " ${need[*]} " == *" haproxy "* ]] && [ -d /run/systemd/system ]; then
     systemctl disable --now haproxy >/dev/null 2>&1 || true
+  fi
+  if [[ " ${need[*]} " == *" squid "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now squid >/dev/null 2>&1 || true
   fi
 fi

@@ -134,6 +134,9 @@ FLOW = {
     "http_host": (str, None),
     "user": (str, None),
     "decrypted": bool,
+    "tls_version": (str, None),
+    "tls_cipher": (str, None),
+    "via": (str, None),  # the upstream proxy's name (chaining)
 }
 FLOWS = {
     "now": float,

@@ -29,6 +29,7 @@ from proxytap.config import (
 from proxytap.errors import ConfigError
 from proxytap.policy.acl import _RULE_KEYS, AccessConfig
 from proxytap.policy.auth import AuthConfig
+from proxytap.policy.chain import PROXY_KEYS
 from proxytap.policy.headers import DEFAULT_METHODS, HttpConfig
 
 EXAMPLE = Path(__file__).parent.parent / "deploy" / "proxytap.example.toml"
@@ -319,6 +320,7 @@ def test_the_example_config_documents_every_key() -> None:
     text = EXAMPLE.read_text()
     keys = _schema_keys(Config, "") + _schema_keys(ListenerConfig, "listeners")
     keys += [(f"access.rules.{k}", k) for k in sorted(_RULE_KEYS)]
+    keys += [(f"upstream.proxies.{k}", k) for k in sorted(PROXY_KEYS)]
     undocumented = []
     for key, leaf in keys:
         as_value = re.search(rf"^\s*#?\s*{re.escape(leaf)}\s*=", text, re.M)

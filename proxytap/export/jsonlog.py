@@ -23,7 +23,13 @@ listener address the client connected to), ``requested_host`` /
 ``alpn``, ``ja3`` / ``ja4`` (the client's TLS fingerprints, from its
 ClientHello; ``null`` when the flow carried none), ``http_host``, ``user``,
 ``close_reason`` (normal, reset, timeout, error), ``decrypted``,
-``orig_chunks`` / ``resp_chunks``.
+``orig_chunks`` / ``resp_chunks``, and for a flow sent through an upstream
+proxy (chaining): ``upstream_proxy`` (its ``[[upstream.proxies]]`` name),
+``upstream_proxy_h`` / ``upstream_proxy_p`` (its address proxytap connected
+to), ``upstream_bound_h`` / ``upstream_bound_p`` (the BND address a SOCKS
+upstream reported: its own end toward the destination; ``null`` over HTTP)
+and ``upstream_resolved`` (true: the upstream resolved ``requested_host``
+itself, so ``id.resp_h`` is ``0.0.0.0``); all ``null`` for a direct flow.
 
 Rotation: ``reopen()`` (SIGHUP, after logrotate moved the file) closes and
 reopens the path; with ``max_bytes`` the log rotates itself to ``PATH.1`` ..
@@ -56,6 +62,8 @@ BUFFER_FULL = "buffer_full"
 def flow_record(flow: Flow, reason: CloseReason, now: float) -> dict[str, object]:
     """The log record of a finished inner flow (a plain dict, JSON-ready)."""
     outer = flow.outer
+    via = flow.via
+    bound = via.bound if via is not None else None
     return {
         "ts": round(flow.start, 6),
         "uid": flow.uid,
@@ -78,6 +86,12 @@ def flow_record(flow: Flow, reason: CloseReason, now: float) -> dict[str, object
         "proxy_p": outer.local[1],
         "requested_host": flow.requested_host,
         "requested_port": flow.requested_port,
+        "upstream_proxy": via.proxy if via is not None else None,
+        "upstream_proxy_h": via.address[0] if via is not None else None,
+        "upstream_proxy_p": via.address[1] if via is not None else None,
+        "upstream_bound_h": bound[0] if bound is not None else None,
+        "upstream_bound_p": bound[1] if bound is not None else None,
+        "upstream_resolved": via.by_name if via is not None else None,
         "sni": flow.sni,
         "alpn": flow.alpn,
         "ja3": flow.ja3,

@@ -64,6 +64,10 @@ class Stats:
         self.connect_seconds = Buckets(CONNECT_BUCKETS)
         # (listener, Proxy-Status error type) -> failed connects (policy denials excluded)
         self.connect_errors: Counter[tuple[str, str]] = Counter()
+        # chaining ([[upstream.proxies]]): upstream proxy name -> tunnels it opened, and
+        # (proxy, stage) -> failures (front/chain.py STAGES: connect, timeout, auth, ...)
+        self.proxy_connects: Counter[str] = Counter()
+        self.proxy_errors: Counter[tuple[str, str]] = Counter()
         # bytes of finished flows (live flows are added at scrape time)
         self.bytes_up = 0
         self.bytes_down = 0

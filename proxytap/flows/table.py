@@ -18,6 +18,7 @@ import ipaddress
 import random
 import secrets
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 Endpoint = tuple[str, int]
@@ -67,6 +68,24 @@ def _address_text(host: str) -> str:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return str(ip)
+
+
+@dataclass(frozen=True, slots=True)
+class Via:
+    """The upstream proxy an inner flow went through (chaining, ``[[upstream.proxies]]``).
+
+    ``by_name``: the proxy was asked for the destination by name and resolved
+    it itself, so proxytap never learns the destination's address: the flow's
+    ``server`` (ip2) is then ``0.0.0.0`` and the requested port. ``bound`` is
+    what a SOCKS proxy reported as BND.ADDR/BND.PORT (its own end of its
+    connection to the destination; ``None`` over HTTP CONNECT, which reports
+    nothing).
+    """
+
+    proxy: str  # the [[upstream.proxies]] name
+    address: Endpoint  # the upstream proxy's address proxytap connected to
+    bound: Endpoint | None
+    by_name: bool
 
 
 class Valve(Protocol):
@@ -127,6 +146,7 @@ class Flow:
         "tls_version",
         "uid",
         "valve",
+        "via",
     )
 
     def __init__(
@@ -171,6 +191,7 @@ class Flow:
         # hold it; while any does, its ``valve`` (the relay) reads neither side.
         self.valve: Valve | None = None
         self.holders: set[object] | None = None
+        self.via: Via | None = None  # the upstream proxy it went through (chaining)
 
     def hold(self, by: object) -> None:
         """``by`` (an export consumer) is behind: stop reading this flow until it releases."""

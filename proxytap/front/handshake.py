@@ -428,7 +428,7 @@ class ClientConnection(Answering):
             self._close_ctx()
             self._close("client went away while connecting")
             return
-        flow = services.open_flow(conn, peer, host, port)
+        flow = services.open_flow(conn, peer, host, port, upstream=server)
         client.write(reply)
         self._answered("200" if self.socks is None else socks_result(self.socks_version, 0))
         key = (self.listener.name, self._protocol_name())

@@ -102,7 +102,7 @@ class UpstreamConnection(ResponseReader):
         transport.set_protocol(self)
         self.transport = transport
         transport.set_write_buffer_limits(high=self.services.config.limits.write_buffer_high)
-        flow = self.services.open_flow(self.conn, peer, self.host, self.port)
+        flow = self.services.open_flow(self.conn, peer, self.host, self.port, upstream=transport)
         self.flow = flow
         flow.valve = self
         early = pending.early

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -13,8 +14,17 @@ from proxytap.config import Config
 from proxytap.errors import Failure, UpstreamError
 from proxytap.export.hub import Hub
 from proxytap.flows.stats import Stats
-from proxytap.flows.table import CloseReason, Connection, Endpoint, Flow, FlowTable, endpoint
+from proxytap.flows.table import (
+    CloseReason,
+    Connection,
+    Endpoint,
+    Flow,
+    FlowTable,
+    Via,
+    endpoint,
+)
 from proxytap.front.authn import Authenticator
+from proxytap.front.chain import Upstreams, open_chained
 from proxytap.front.shedding import FdBudget, LogWindow
 from proxytap.front.upstream import (
     AddrInfo,
@@ -28,6 +38,7 @@ from proxytap.front.upstream import (
 from proxytap.modules.chain import Chain
 from proxytap.modules.loader import build_chains, header_rules
 from proxytap.policy.acl import ClientAcl, DestinationPolicy, build_policy, refusal_text
+from proxytap.policy.chain import build_proxies
 from proxytap.policy.headers import HeaderRules
 from proxytap.policy.intercept import InterceptPolicy, PinMemory
 
@@ -108,6 +119,11 @@ class Services:
     fd_log: LogWindow = field(default_factory=LogWindow)
     # client address -> its connections that have sent nothing yet, oldest first
     silent: dict[str, dict[Silent, None]] = field(default_factory=dict)
+    upstreams: Upstreams = field(init=False)  # [[upstream.proxies]], for via rules
+    # upstream transports connected through an upstream proxy -> how (for open_flow)
+    vias: weakref.WeakKeyDictionary[asyncio.BaseTransport, Via] = field(
+        default_factory=weakref.WeakKeyDictionary
+    )
     interception: InterceptPolicy = field(init=False)  # tls.intercept / tls.passthrough
     pins: PinMemory = field(init=False)  # clients that rejected proxytap's certificate
     engine: Engine | None = None  # the TLS engine (App.start), when interception is on
@@ -117,6 +133,7 @@ class Services:
         self.clients, self.destinations = build_policy(cfg.access)
         self.auth = Authenticator.from_config(cfg.auth)
         self.rules = header_rules(cfg)
+        self.upstreams = Upstreams(build_proxies(cfg.upstream.proxies, "upstream.proxies"))
         self.interception = InterceptPolicy.from_config(cfg.tls)
         self.pins = PinMemory(cfg.tls.pinning_fail_open)
         # loads user modules: a ConfigError here stops start-up
@@ -135,14 +152,26 @@ class Services:
         self.stats.refusals[(rule, reason)] += 1
         self.stats.denied[(listener, rule)] += 1
 
-    def open_flow(self, conn: Connection, peer: Endpoint, host: str, port: int) -> Flow:
+    def open_flow(
+        self,
+        conn: Connection,
+        peer: Endpoint,
+        host: str,
+        port: int,
+        *,
+        upstream: asyncio.BaseTransport | None = None,
+    ) -> Flow:
         """The tap step, for tunnels and forwarded HTTP alike: an inner flow begins.
 
         ``peer`` is the address actually connected to (from ``open``): the
-        flow's true destination. The flow is in the table and announced to
-        the hub (CREATED) before a byte of it is relayed.
+        flow's true destination. ``upstream``: the transport ``open`` gave,
+        so a flow through an upstream proxy records it (``Flow.via``). The
+        flow is in the table and announced to the hub (CREATED) before a byte
+        of it is relayed.
         """
         flow = self.table.open_flow(conn, peer, host, port, time.time())
+        if upstream is not None and self.vias:
+            flow.via = self.vias.pop(upstream, None)
         if self.hub is not None:
             self.hub.opened(flow)
         return flow
@@ -234,10 +263,22 @@ class Services:
         before it would be contacted (a denied address is never sent a
         packet). Also returns the address connected to, so callers need not ask
         the transport for it.
+        A rule with ``via`` (``DestinationPolicy.route``) sends the connection
+        through that upstream proxy instead (``front/chain.py``): the same
+        result, the peer then being what the proxy was asked for (or
+        ``0.0.0.0`` when it resolved the name); pass the transport to
+        ``open_flow`` so the flow records the proxy.
         ``UpstreamError`` names the failure. A policy denial is counted as a
         denial of ``listener`` (``stats.denied``), not as a connect error: no
         connect was tried, and alerting on connect errors should not page for it.
         """
+        route = self.destinations.route(host, port, user) if self.destinations.chaining else None
+        if route is not None and route.via is not None:
+            transport, protocol, peer, via = await open_chained(
+                self, route.via, host, port, user, factory, listener
+            )
+            self.vias[transport] = via
+            return transport, protocol, peer
         connector = self.connector
 
         async def attempt(family: int, sockaddr: SockAddr) -> tuple[asyncio.Transport, P, Endpoint]:

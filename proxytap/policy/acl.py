@@ -24,6 +24,10 @@ Rule semantics:
   (the name requested), ``ports`` (destination port), ``users`` (the
   authenticated user name; a request without one never matches a rule that
   lists users).
+* ``via`` (allow rules only) names an ``[[upstream.proxies]]`` entry: what
+  the rule decides is connected through that proxy (chaining; see
+  ``route``, which picks the route on what the client asked for, never on a
+  local lookup: rules with ``cidrs`` are passed over for names there).
 * ``domains``: ``"example.com"`` matches exactly that name;
   ``"*.example.com"`` matches any name below it at any depth
   (``a.example.com``, ``a.b.example.com``) but not ``example.com``;
@@ -102,7 +106,7 @@ DEFAULT_DENY = "default-deny:"  # + the range's label: the rule name of a defaul
 _RESERVED_NAMES = ("default-", "connect-ports", "invalid-")
 _LABEL = re.compile(r"[a-z0-9_-]{1,63}")
 _PORT_RANGE = re.compile(r"\s*([0-9]{1,5})\s*(?:-\s*([0-9]{1,5})\s*)?")
-_RULE_KEYS = frozenset({"name", "action", "cidrs", "domains", "regex", "ports", "users"})
+_RULE_KEYS = frozenset({"name", "action", "cidrs", "domains", "regex", "ports", "users", "via"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,11 +114,13 @@ class Decision:
     """The answer: ``rule`` names what decided (a rule name or ``default-...``).
 
     ``failure`` is ``Failure.PROHIBITED`` for a denial and ``None`` when allowed.
+    ``via`` names the upstream proxy an allowing ``via`` rule routes through.
     """
 
     allowed: bool
     rule: str
     failure: Failure | None = None
+    via: str | None = None
 
     @classmethod
     def allow(cls, rule: str) -> Decision:
@@ -398,6 +404,7 @@ class DestRule:
     regex: tuple[re.Pattern[str], ...] = ()
     ports: PortRanges | None = None
     users: frozenset[str] | None = None
+    via: str | None = None  # an [[upstream.proxies]] name: connect through it (allow only)
     _exact: frozenset[str] = field(init=False, repr=False, compare=False)
     _suffixes: tuple[str, ...] = field(init=False, repr=False, compare=False)
     _nets: _NetSet = field(init=False, repr=False, compare=False)
@@ -428,6 +435,7 @@ class DestRule:
         regex: str | Iterable[str] | None = None,
         ports: Iterable[int | str] | None = None,
         users: Iterable[str] | None = None,
+        via: str | None = None,
         key: str = "rule",
     ) -> DestRule:
         """Validate config-style values (strings) into a rule; ``ConfigError`` names ``key``."""
@@ -437,6 +445,11 @@ class DestRule:
             raise ConfigError(f"{key}.name", f"{name!r} looks like a built-in decision name")
         if action not in ("allow", "deny"):
             raise ConfigError(f"{key}.action", "must be allow or deny")
+        if via is not None:
+            if not isinstance(via, str) or not _RULE_NAME.fullmatch(via):
+                raise ConfigError(f"{key}.via", "must name an [[upstream.proxies]] entry")
+            if action != "allow":
+                raise ConfigError(f"{key}.via", "only an allow rule can route via a proxy")
         nets: tuple[Network, ...] = ()
         if cidrs is not None:
             items = _str_list(cidrs, f"{key}.cidrs")
@@ -460,7 +473,7 @@ class DestRule:
         if users is not None:
             user_set = frozenset(_str_list(users, f"{key}.users"))
         act: Action = "allow" if action == "allow" else "deny"
-        return cls(name, act, nets, pats, rxs, port_set, user_set)
+        return cls(name, act, nets, pats, rxs, port_set, user_set, via)
 
     @classmethod
     def from_config(cls, table: object, key: str) -> DestRule:
@@ -483,7 +496,10 @@ class DestRule:
         regex = table.get("regex")
         if regex is not None and not isinstance(regex, (str, list, tuple)):
             raise ConfigError(f"{key}.regex", "expected a string or a list of strings")
-        return cls.build(table["name"], table["action"], regex=regex, key=key, **lists)
+        via = table.get("via")
+        if via is not None and not isinstance(via, str):
+            raise ConfigError(f"{key}.via", "expected a string")
+        return cls.build(table["name"], table["action"], regex=regex, via=via, key=key, **lists)
 
     @property
     def needs_address(self) -> bool:
@@ -524,6 +540,7 @@ class DestinationPolicy:
         connect_ports: PortRanges = DEFAULT_CONNECT_PORTS,
     ) -> None:
         self.rules = tuple(rules)
+        self.chaining = any(rule.via is not None for rule in self.rules)
         self.allow_dest = tuple(
             n if not isinstance(n, str) else parse_network(n, f"allow_dest[{i}]")
             for i, n in enumerate(allow_dest)
@@ -570,6 +587,34 @@ class DestinationPolicy:
             return Decision.deny(rule.name)
         return None
 
+    def route(self, host: str, port: int, user: str | None = None) -> Decision | None:
+        """The allowing ``via`` rule that decides this request, or None: connect directly.
+
+        Decided on what the client asked for, before any lookup: a name is
+        never resolved here, since the upstream proxy may resolve it
+        differently (or be the only one that can). So for a name, rules with
+        ``cidrs`` are passed over (they need an address) and the first rule
+        that matches the name, port and user decides: a ``via`` rule routes,
+        any other means a direct connect, judged as always (``check_name``,
+        then ``check_address`` on every resolved address, where those
+        ``cidrs`` rules apply). An IP literal is judged in full
+        (``check_address``: every rule and the default-denied ranges) and
+        routes when the deciding rule has ``via``. Cheap when no rule has ``via``.
+        """
+        if not self.chaining:
+            return None
+        name = normalize_host(host)
+        if _host_ip(name) is not None:
+            decision = self.check_address(name, port, name, user)
+            return decision if decision.via is not None else None
+        if len(name) > MAX_HOST:
+            return None  # the direct path denies it (invalid-host)
+        for rule in self.rules:
+            if rule.needs_address or not rule.matches_request(name, False, port, user):
+                continue
+            return Decision(True, rule.name, None, rule.via) if rule.via is not None else None
+        return None
+
     def check_address(
         self, ip: str, port: int, host: str | None = None, user: str | None = None
     ) -> Decision:
@@ -597,11 +642,14 @@ class DestinationPolicy:
                 if rule.action == "deny":
                     return Decision.deny(rule.name)
                 allowed_by = rule.name
+                via = rule.via
                 break
+        else:
+            via = None
         label = self.denied_range(addr, candidates)
         if label is not None:
             return Decision.deny(f"{DEFAULT_DENY}{label}")
-        return Decision.allow(allowed_by)
+        return Decision(True, allowed_by, None, via)
 
     def denied_range(
         self, addr: IPAddress, candidates: list[tuple[str, IPAddress]] | None = None

@@ -23,7 +23,7 @@ from python_socks.async_.asyncio import Proxy
 
 from proxytap.config import Config, ListenerConfig, LogConfig
 from proxytap.export.jsonlog import JsonFlowLog, flow_record
-from proxytap.flows.table import CloseReason, FlowTable
+from proxytap.flows.table import CloseReason, FlowTable, Via
 from tests.conftest import TEST_ACCESS, Origin, ProxyFactory, RunningProxy, run, start_origin
 from tests.export.sftap_helpers import make_flow, wait_for
 
@@ -57,6 +57,14 @@ ALL_FIELDS = {
     "user",
     "close_reason",
     "decrypted",
+    "tls_version",
+    "tls_cipher",
+    "upstream_proxy",
+    "upstream_proxy_h",
+    "upstream_proxy_p",
+    "upstream_bound_h",
+    "upstream_bound_p",
+    "upstream_resolved",
 }
 
 
@@ -94,7 +102,34 @@ def test_record_fields() -> None:
     assert (rec["tunnel"], rec["user"], rec["close_reason"]) == ("socks5", "alice", "reset")
     assert (rec["requested_host"], rec["requested_port"]) == ("example.com", 80)
     assert rec["decrypted"] is False and rec["http_host"] is None
+    chained = {k: v for k, v in rec.items() if k.startswith("upstream_")}
+    assert len(chained) == 6 and set(chained.values()) == {None}  # a direct flow
     json.dumps(rec)  # JSON-ready as it is
+
+
+def test_record_of_a_flow_through_an_upstream_proxy() -> None:
+    """Chaining: the proxy, its address and the BND it reported, beside the true endpoints."""
+    table = FlowTable()
+    flow = sample_flow(table)
+    flow.server = ("0.0.0.0", 443)  # the upstream resolved the name (README "Chaining")
+    flow.via = Via("corp", ("192.0.2.8", 1080), ("198.51.100.4", 50123), True)
+    rec = flow_record(flow, CloseReason.NORMAL, flow.start + 1)
+    assert (rec["id.resp_h"], rec["id.resp_p"]) == ("0.0.0.0", 443)
+    assert rec["requested_host"] == "example.com"
+    assert (rec["upstream_proxy"], rec["upstream_proxy_h"], rec["upstream_proxy_p"]) == (
+        "corp",
+        "192.0.2.8",
+        1080,
+    )
+    assert (rec["upstream_bound_h"], rec["upstream_bound_p"]) == ("198.51.100.4", 50123)
+    assert rec["upstream_resolved"] is True
+    flow.via = Via("corp", ("192.0.2.8", 3128), None, False)  # HTTP CONNECT: no BND
+    rec = flow_record(flow, CloseReason.NORMAL, flow.start + 1)
+    assert (rec["upstream_bound_h"], rec["upstream_bound_p"], rec["upstream_resolved"]) == (
+        None,
+        None,
+        False,
+    )
 
 
 # -- the sink -------------------------------------------------------------------------------
