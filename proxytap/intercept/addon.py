@@ -37,6 +37,7 @@ from proxytap.flows.table import DOWN, UP, CloseReason, Flow
 from proxytap.hostport import hostport
 from proxytap.intercept.render import Exchange, ExchangeOrder, request_line, status_line, with_host
 from proxytap.modules.api import Context
+from proxytap.policy.hopbyhop import connection_tokens
 from proxytap.policy.message import RequestHead, ResponseHead
 from proxytap.proto.httpconnect import proxy_status_value
 
@@ -383,6 +384,8 @@ def _judge_request(session: Session, f: http.HTTPFlow) -> RequestHead:
         out.insert(0, (b"Host", head.authority))
     if not h2 and head.chunked:
         out.append((b"Transfer-Encoding", head.codings or b"chunked"))
+    if not h2 and head.close:  # the engine ends the client connection after the response
+        out.append((b"Connection", b"close"))
     if not h2 and head.websocket:
         out = [(n, v) for n, v in out if n.lower() not in (b"connection", b"upgrade")]
         out += [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")]
@@ -414,6 +417,8 @@ def _judge_response(session: Session, f: http.HTTPFlow) -> bool:
     out = list(head.headers)
     if not h2 and head.chunked:
         out.append((b"Transfer-Encoding", head.codings or b"chunked"))
+    if not h2 and b"close" in connection_tokens(list(resp.headers.fields)):
+        out.append((b"Connection", b"close"))  # the origin closes: so does the client leg
     if not h2 and resp.status_code == 101:
         out = [(n, v) for n, v in out if n.lower() not in (b"connection", b"upgrade")]
         out += [

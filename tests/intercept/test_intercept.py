@@ -640,3 +640,63 @@ async def test_abrupt_endings_leave_no_session_behind(px: Intercepting, origin: 
     records = px.flows()
     assert len(records) == 4, records  # every tunnel's flow ended and was logged
     assert not any("Traceback" in line for line in px.stderr), "".join(px.stderr)
+
+
+# == long-running: intercepted sessions give their memory back ===========================
+
+
+@pytest.mark.slow
+async def test_rounds_of_intercepted_sessions_do_not_grow(px: Intercepting, origin: int) -> None:
+    """Rounds of 300 intercepted sessions (a GET each); RSS levels off after the first."""
+    ctx = ssl.create_default_context(cafile=str(px.ca_cert))
+    connect = f"CONNECT localhost:{origin} HTTP/1.1\r\nHost: localhost:{origin}\r\n\r\n".encode()
+    request = f"GET /bytes/20000 HTTP/1.1\r\nHost: localhost:{origin}\r\nConnection: close\r\n\r\n"
+    gate = asyncio.Semaphore(30)
+
+    async def session() -> None:
+        async with gate:
+            r, w = await asyncio.open_connection("127.0.0.1", px.ports["http"])
+            w.write(connect)
+            await r.readuntil(b"\r\n\r\n")
+            await w.start_tls(ctx, server_hostname="localhost")
+            w.write(request.encode())
+            data = await asyncio.wait_for(r.read(), 30)
+            assert data.startswith(b"HTTP/1.1 200") and len(data) > 20000
+            w.close()
+
+    assert px.proc.pid is not None
+    status = Path(f"/proc/{px.proc.pid}/status")
+
+    def rss() -> int:
+        line = next(x for x in status.read_text().splitlines() if x.startswith("VmRSS:"))
+        return int(line.split()[1]) << 10
+
+    sizes = []
+    for _ in range(5):
+        await asyncio.gather(*(session() for _ in range(300)))
+        for _ in range(400):
+            if await px.metric("proxytap_intercept_sessions_active") == 0:
+                break
+            await asyncio.sleep(0.05)
+        sizes.append(rss())
+    grown = sizes[-1] - sizes[1]
+    assert grown < 16 << 20, [s >> 20 for s in sizes]
+
+
+async def test_connection_close_inside_tls_ends_the_connection(
+    px: Intercepting, origin: int
+) -> None:
+    """Hop-by-hop fields are the rules' to strip, but Connection: close still ends the leg."""
+    ctx = ssl.create_default_context(cafile=str(px.ca_cert))
+    r, w = await asyncio.open_connection("127.0.0.1", px.ports["http"])
+    w.write(f"CONNECT localhost:{origin} HTTP/1.1\r\nHost: localhost:{origin}\r\n\r\n".encode())
+    await r.readuntil(b"\r\n\r\n")
+    await w.start_tls(ctx, server_hostname="localhost")
+    w.write(
+        f"GET /hello HTTP/1.1\r\nHost: localhost:{origin}\r\nConnection: close\r\n\r\n".encode()
+    )
+    data = await asyncio.wait_for(r.read(), 10)  # to the end: the proxy closes after it
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and body == b"hello GET /hello"
+    assert b"connection: close" in head.lower()
+    w.close()
