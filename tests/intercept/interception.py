@@ -167,6 +167,10 @@ def echo_app() -> web.Application:
             }
         )
 
+    async def many(request: web.Request) -> web.Response:
+        n = int(request.query.get("n", "40"))
+        return web.Response(text="many", headers={f"X-H{i}": str(i) for i in range(n)})
+
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text=f"hello {request.method} {request.path_qs}")
 
@@ -196,6 +200,7 @@ def echo_app() -> web.Application:
     app = web.Application(client_max_size=1 << 30)
     app.router.add_route("*", "/echo", echo)
     app.router.add_route("*", "/hello", hello)
+    app.router.add_get("/many", many)
     app.router.add_get("/bytes/{n}", source)
     app.router.add_get("/ws", ws)
     return app

@@ -700,3 +700,26 @@ async def test_connection_close_inside_tls_ends_the_connection(
     assert head.startswith(b"HTTP/1.1 200") and body == b"hello GET /hello"
     assert b"connection: close" in head.lower()
     w.close()
+
+
+async def test_response_refused_by_the_rules_inside_tls_is_a_502(
+    home: Path, tmp_path: Path, pki: Pki, origin: int
+) -> None:
+    """A response with more header fields than limits.max_headers: 502, as in plain HTTP."""
+    px = await start_intercepting(home, tmp_path, pki, extra="\n[limits]\nmax_headers = 30\n")
+    try:
+        rc, out, err = await curl(
+            "-x", px.http, "--cacert", str(px.ca_cert), "-i", f"https://localhost:{origin}/many"
+        )
+        assert rc == 0, err
+        assert final_status(out) == 502, out
+        assert "proxy-status: proxytap; error=" in out.lower()
+        assert "x-h39" not in out.lower()
+        # a response within the limit passes
+        rc, out, err = await curl(
+            "-x", px.http, "--cacert", str(px.ca_cert), f"https://localhost:{origin}/many?n=5"
+        )
+        assert rc == 0 and out == "many", err
+        assert await px.metric("proxytap_intercept_refusals_total", what="response") == 1
+    finally:
+        await px.stop()
