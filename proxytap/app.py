@@ -14,9 +14,12 @@ import gc
 import logging
 import signal
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from proxytap.admin import AdminServer
 from proxytap.config import Config
+from proxytap.errors import ConfigError
 from proxytap.export.hub import Hub
 from proxytap.export.sink import Sink
 from proxytap.front.listener import bound_addresses, start_listener
@@ -25,6 +28,7 @@ from proxytap.front.shedding import FdBudget, raise_open_file_limit
 from proxytap.front.upstream import Connector, Resolver
 from proxytap.hostport import hostport
 from proxytap.proto.classify import Classifier, rules_from_config
+from proxytap.reload import changed_keys, keep_restart_keys, replace
 
 log = logging.getLogger("proxytap")
 
@@ -54,6 +58,7 @@ class App:
         self.ready = False  # every listener bound, not draining (/readyz)
         self.stopped = asyncio.Event()
         self.hurry = asyncio.Event()  # a second SIGTERM/SIGINT: stop draining at once
+        self._reloading = asyncio.Lock()  # one config reload at a time
 
     def addresses(self, name: str) -> list[tuple[str, int]]:
         return bound_addresses(self.servers[name])
@@ -157,6 +162,105 @@ class App:
             sink.reopen()
         log.info("reopening log files")
 
+    async def reload(self, load: Callable[[], Config]) -> bool:
+        """SIGHUP: read the config again (``load``) and take it over for new connections.
+
+        Everything is built and checked before anything changes; an invalid
+        config is one error line naming the key, and the running config stays.
+        Keys that need a restart keep their running values (a warning names
+        them); see ``proxytap.reload``. Counted in ``stats.config_reloads``.
+        """
+        stats = self.services.stats
+        async with self._reloading:
+            running = self.config
+            try:
+                plan = self._prepare(running, load())
+            except ConfigError as exc:
+                stats.config_reloads["error"] += 1
+                log.error(
+                    "config reload rejected, the running config stays: %s: %s",
+                    exc.key,
+                    exc.problem,
+                )
+                return False
+            except Exception as exc:  # a bug, or a module failing in an unforeseen way
+                stats.config_reloads["error"] += 1
+                log.error("config reload failed, the running config stays: %r", exc, exc_info=exc)
+                return False
+            self._adopt(plan)
+            stats.config_reloads["ok"] += 1
+            stats.config_reloaded_at = time.time()
+            changed = changed_keys(running, plan.config)
+            log.info(
+                "config reloaded: %s (new connections use it; open ones keep theirs)",
+                "changed " + ", ".join(changed) if changed else "no change",
+            )
+            if plan.restart:
+                log.warning(
+                    "config reload: %s changed but take effect only on a restart; "
+                    "the running values stay",
+                    ", ".join(plan.restart),
+                )
+            if self.services.interception.enabled and self.services.engine is None:
+                try:
+                    await self.start_engine()
+                except OSError as exc:
+                    log.error("cannot start TLS interception after the reload: %s", exc)
+            return True
+
+    def _prepare(self, running: Config, new: Config) -> _Reload:
+        """What a reload adopts, all of it built (and so checked) before anything changes.
+
+        The policy, users, module chains and upstream proxies (a fresh
+        ``Services``), the classifier: what ``App.__init__`` builds.
+        ``ConfigError`` names the bad key.
+        """
+        from proxytap.export.sftap_server import SftapServer
+
+        applied, restart = keep_restart_keys(running, new)
+        applied = applied.validate()
+        classifier = None
+        if applied.export.rules != running.export.rules:
+            classifier = Classifier(rules_from_config(list(applied.export.rules)))
+            for sink in self.sinks:
+                if not isinstance(sink, SftapServer):
+                    continue
+                serves = SftapServer(sink.home, classifier, formats=applied.export.formats)
+                if serves.interfaces.keys() != sink.interfaces.keys():
+                    restart.append("export.rules (other flow sockets)")
+                    applied = replace(applied, "export.rules", running.export.rules)
+                    classifier = None
+                    break
+        fresh = self.services.rebuilt(applied)
+        return _Reload(applied, restart, fresh, classifier)
+
+    def _adopt(self, plan: _Reload) -> None:
+        """Swap in what ``_prepare`` built (nothing here raises)."""
+        from proxytap.export.loopback7 import Loopback7Writer
+        from proxytap.export.sftap_server import SftapServer
+
+        applied = plan.config
+        self.services.adopt(plan.services)
+        self.hub.timeout = applied.export.classify_timeout
+        if plan.classifier is not None:
+            self.hub.classifier = plan.classifier
+        for sink in self.sinks:
+            if isinstance(sink, SftapServer):
+                sink.retune(applied.export, plan.classifier)
+            elif isinstance(sink, Loopback7Writer):
+                sink.retune(applied.export)
+        if applied.log.level != self.config.log.level:
+            logging.getLogger().setLevel(applied.log.level.upper())
+        self.config = applied
+
+
+@dataclass
+class _Reload:
+    config: Config  # what is adopted (restart-only keys at their running values)
+    restart: list[str]  # changed keys that need a restart
+    services: Services  # built from ``config``, not yet in use
+    classifier: Classifier | None  # new classification rules, when they changed
+
 
 def build_sinks(config: Config, classifier: Classifier) -> list[Sink]:
     """The export sinks the config asks for, built (and so checked), not started."""
@@ -185,13 +289,14 @@ def build_sinks(config: Config, classifier: Classifier) -> list[Sink]:
     return sinks
 
 
-async def serve(app: App) -> int:
+async def serve(app: App, load: Callable[[], Config] | None = None) -> int:
     """Run until SIGTERM or SIGINT, then drain and stop; the process exit code.
 
     A second SIGTERM or SIGINT while draining stops at once (what is still
-    open is reset, as after the grace).
+    open is reset, as after the grace). SIGHUP reopens the log files and,
+    given ``load`` (the config as ``run`` built it: file and flags), reloads
+    the config (``App.reload``).
     """
-    config = app.config
     before, after = raise_open_file_limit()
     if after != before:
         log.info("open-file limit raised from %d to %d (the hard limit)", before, after)
@@ -210,7 +315,16 @@ async def serve(app: App) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-    loop.add_signal_handler(signal.SIGHUP, app.reopen_logs)
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_hup() -> None:
+        app.reopen_logs()
+        if load is not None and not stop.is_set():
+            task = loop.create_task(app.reload(load))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     # Collector policy. A closed tunnel or forwarder connection is freed by
     # reference counting: it breaks its own reference cycles as it ends
     # (Relay.finish, HttpForwarder._teardown, UpstreamConnection._unhook; checked with
@@ -228,7 +342,9 @@ async def serve(app: App) -> int:
     gc.set_threshold(50_000, 20, 20)
     log.info("proxytap ready")
     await stop.wait()
-    log.info("shutting down: draining for up to %.1fs", config.timeouts.shutdown_grace)
+    for task in reloads:
+        task.cancel()
+    log.info("shutting down: draining for up to %.1fs", app.config.timeouts.shutdown_grace)
     await app.stop()
     log.info("stopped")
     return 0

@@ -238,7 +238,7 @@ def _run(args: argparse.Namespace) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency
         runner = asyncio.run
     try:
-        return int(runner(serve(app)))
+        return int(runner(serve(app, lambda: config_from_args(args))))
     except KeyboardInterrupt:  # pragma: no cover
         return 0
 

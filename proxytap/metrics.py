@@ -240,6 +240,15 @@ METRICS: dict[str, tuple[str, str]] = {
         "gauge",
         "Upstream connections open now (one per inner flow), by client protocol",
     ),
+    "proxytap_config_reloads_total": (
+        "counter",
+        "Config reloads on SIGHUP, by result (ok: in force for new connections; error: "
+        "rejected, the previous config stays)",
+    ),
+    "proxytap_config_last_reload_success_timestamp_seconds": (
+        "gauge",
+        "Unix time of the last config reload that took effect (0: none since start)",
+    ),
     "proxytap_relayed_bytes_total": (
         "counter",
         "Payload bytes relayed; direction=upstream: client to destination, "
@@ -491,6 +500,7 @@ class ProxytapCollector(Collector):
         _fill(family, errors)
         yield family
         yield from self._chaining()
+        yield from self._reloads()
 
         # -- flows and bytes ----------------------------------------------------------
         flows = list(table.flows.values())
@@ -591,6 +601,18 @@ class ProxytapCollector(Collector):
         known = {(p, stage): 0 for p in proxies for stage in CHAIN_STAGES}
         _fill(family, {**known, **stats.proxy_errors})
         yield family
+
+    def _reloads(self) -> Iterator[Metric]:
+        """Config reloads (SIGHUP)."""
+        stats = self.app.services.stats
+        family = _counter("proxytap_config_reloads_total", ("result",))
+        _fill(family, {"ok": 0, "error": 0, **stats.config_reloads})
+        yield family
+        yield GaugeMetricFamily(
+            "proxytap_config_last_reload_success_timestamp_seconds",
+            METRICS["proxytap_config_last_reload_success_timestamp_seconds"][1],
+            value=stats.config_reloaded_at,
+        )
 
     def _known_denials(self) -> dict[tuple[str, str], int]:
         """Every (listener, rule) a denial can be counted under that is known up front."""

@@ -181,6 +181,12 @@ class Loopback7Writer(Sink):
             on_gap=exp.loopback7_on_gap,
         )
 
+    def retune(self, exp: ExportConfig) -> None:
+        """Config reload: the overload policy for the next link (validated by the config)."""
+        self.overload = exp.loopback7_overload
+        self.max_wait = exp.loopback7_max_wait
+        self.cut = exp.loopback7_on_gap == "cut"
+
     # -- stats ---------------------------------------------------------------------
 
     @property

@@ -295,6 +295,15 @@ class SftapServer(Sink):
         self.created_sent = 0
         self.destroyed_sent = 0
 
+    def retune(self, exp: ExportConfig, classifier: Classifier | None) -> None:
+        """Config reload: overload policy for readers that connect from now on; ``classifier``
+        (when the rules changed) must serve the same sockets (``interfaces`` names)."""
+        self.overload = exp.overload
+        self.max_wait = exp.max_wait
+        self.cut = exp.on_gap == "cut"
+        if classifier is not None:
+            self.classifier = classifier
+
     @classmethod
     def from_config(cls, exp: ExportConfig, classifier: Classifier) -> SftapServer:
         assert exp.sftap_home is not None

@@ -68,6 +68,9 @@ class Stats:
         # (proxy, stage) -> failures (front/chain.py STAGES: connect, timeout, auth, ...)
         self.proxy_connects: Counter[str] = Counter()
         self.proxy_errors: Counter[tuple[str, str]] = Counter()
+        # SIGHUP config reloads: "ok" / "error" -> count; Unix time of the last good one
+        self.config_reloads: Counter[str] = Counter()
+        self.config_reloaded_at = 0.0
         # bytes of finished flows (live flows are added at scrape time)
         self.bytes_up = 0
         self.bytes_down = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import weakref
@@ -151,6 +152,36 @@ class Services:
         """An access-policy refusal: a rejection, and counted per listener and rule."""
         self.stats.refusals[(rule, reason)] += 1
         self.stats.denied[(listener, rule)] += 1
+
+    def rebuilt(self, config: Config) -> Services:
+        """Reload, step one: everything ``__post_init__`` derives, built from ``config``.
+
+        The fields not passed in (policy, users, header rules, module chains,
+        upstream proxies, ...) of a fresh instance that shares ``stats``;
+        a ``ConfigError`` here leaves the running set untouched.
+        """
+        return Services(config=config, stats=self.stats)
+
+    def adopt(self, fresh: Services) -> None:
+        """Reload, step two: what new connections use comes from ``fresh`` from now on.
+
+        All of it is swapped in one step (nothing can run in between).
+        Connections already open keep what they took (their module chain, the
+        decisions made for them); the counters go on.
+        """
+        old_auth = self.auth
+        for f in dataclasses.fields(self):
+            if not f.init:
+                setattr(self, f.name, getattr(fresh, f.name))
+        self.config = fresh.config
+        new_auth = self.auth
+        if (
+            old_auth is not None
+            and new_auth is not None
+            and (old_auth.throttle.limit, old_auth.throttle.window)
+            == (new_auth.throttle.limit, new_auth.throttle.window)
+        ):
+            new_auth.throttle = old_auth.throttle  # failed attempts still count
 
     def open_flow(
         self,
