@@ -11,8 +11,8 @@ A proxytap module (see the README, "Modules"). Put it in a listener's chain::
     params = ["ref_src"]
     cookies = ["_pk_id"]
 
-Plain-HTTP requests only: what goes through a CONNECT tunnel is encrypted and
-passes untouched. Removed from the query: ``utm_*`` and the click ids of the
+Plain-HTTP requests, and requests inside intercepted TLS (``tls.intercept``);
+other tunnels are encrypted and pass untouched. Removed from the query: ``utm_*`` and the click ids of the
 big ad networks (``fbclid``, ``gclid``, ``msclkid``...). Removed from
 ``Cookie``: Google Analytics / Ads, Meta, Microsoft and HubSpot cookies
 (``_ga``, ``_ga_<id>``, ``_gid``, ``_gcl_au``, ``_fbp``, ``__utma``...). The

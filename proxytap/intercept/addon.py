@@ -319,6 +319,9 @@ class ProxytapAddon:
             return
         if session is not None:
             for msg in ws.messages:
+                if not _filter_payload(session, msg, msg.from_client):
+                    f.kill()  # type: ignore[no-untyped-call]
+                    break
                 session.emit(UP if msg.from_client else DOWN, msg.content)
         ws.messages.clear()  # the engine would keep every message of the connection
 
@@ -326,6 +329,9 @@ class ProxytapAddon:
         session = self._session(f.client_conn)
         if session is not None:
             for msg in f.messages:
+                if not _filter_payload(session, msg, msg.from_client):
+                    f.kill()  # type: ignore[no-untyped-call]
+                    break
                 session.emit(UP if msg.from_client else DOWN, msg.content)
         f.messages.clear()
 
@@ -372,8 +378,7 @@ def _judge_request(session: Session, f: http.HTTPFlow) -> RequestHead:
             rules.rewrite_request(head)
         if chain.request_hooks:
             ctx = _context(session)
-            chain.request(ctx, head)
-            rules.recheck_request(head, len(head.headers))
+            chain.request(ctx, head)  # each hook's result is rechecked by the chain
     except ProtocolError:
         raise
     except Exception as exc:  # a bug in a rule or a module: fail closed
@@ -409,7 +414,6 @@ def _judge_response(session: Session, f: http.HTTPFlow) -> bool:
             rules.rewrite_response(head)
         if chain.response_hooks:
             chain.response(_context(session), head)
-            rules.recheck_response(head, len(head.headers))
     except ProtocolError:
         raise
     except Exception as exc:
@@ -474,6 +478,24 @@ def _streamer(
         return chunk
 
     return stream
+
+
+def _filter_payload(session: Session, msg: Any, from_client: bool) -> bool:
+    """A WebSocket message or a TCP chunk inside TLS through the modules' byte hooks.
+
+    False when a module refused or failed: the connection is closed (fail closed).
+    """
+    chain = session.chain
+    hooks = chain.c2s_data if from_client else chain.s2c_data
+    if not hooks:
+        return True
+    filt = chain.client_to_server if from_client else chain.server_to_client
+    try:
+        msg.content = filt(_context(session), msg.content)
+    except ProtocolError as err:
+        log.warning("intercept: a module closed %s: %s", session.flow.uid, err.reason)
+        return False
+    return True
 
 
 def _error_response(session: Session, err: ProtocolError) -> http.Response:

@@ -94,12 +94,15 @@ class Intercepting:
             await self.proc.wait()
 
 
-def config_text(home: Path, ca_dir: Path, flow_log: Path, pki: Pki, extra: str = "") -> str:
+def config_text(
+    home: Path, ca_dir: Path, flow_log: Path, pki: Pki, extra: str = "", listener: str = ""
+) -> str:
     return f"""
 [[listeners]]
 kind = "http"
 address = "127.0.0.1:0"
 name = "http"
+{listener}
 
 [[listeners]]
 kind = "socks"
@@ -127,13 +130,19 @@ address = "127.0.0.1:0"
 
 
 async def start_intercepting(
-    home: Path, work: Path, pki: Pki, tls: str = 'intercept = ["localhost"]', extra: str = ""
+    home: Path,
+    work: Path,
+    pki: Pki,
+    tls: str = 'intercept = ["localhost"]',
+    extra: str = "",
+    listener: str = "",
 ) -> Intercepting:
-    """proxytap with ``[tls]`` lines ``tls`` (and more TOML in ``extra``)."""
+    """proxytap with ``[tls]`` lines ``tls``, more TOML in ``extra``, and ``listener``
+    lines in the HTTP listener's table."""
     ca_dir = work / "ca"
     flow_log = work / "flows.jsonl"
     cfg = work / "proxytap.toml"
-    cfg.write_text(config_text(home, ca_dir, flow_log, pki, tls) + extra)
+    cfg.write_text(config_text(home, ca_dir, flow_log, pki, tls, listener) + extra)
     proc, ports, lines = await start_proxytap("--config", str(cfg))
     admin = 0
     for line in lines:

@@ -43,6 +43,7 @@ from tests.intercept.interception import (
 )
 
 Endpoint = tuple[str, int]
+ADDONS = Path(__file__).resolve().parents[2] / "addons"
 
 
 @pytest.fixture
@@ -721,5 +722,36 @@ async def test_response_refused_by_the_rules_inside_tls_is_a_502(
         )
         assert rc == 0 and out == "many", err
         assert await px.metric("proxytap_intercept_refusals_total", what="response") == 1
+    finally:
+        await px.stop()
+
+
+async def test_listener_modules_run_inside_tls(
+    home: Path, tmp_path: Path, pki: Pki, origin: int
+) -> None:
+    """addons/strip_tracking on the listener: the origin never sees utm_* inside TLS either."""
+    addons = ADDONS
+    px = await start_intercepting(
+        home,
+        tmp_path,
+        pki,
+        listener='client_to_server = ["validate", "rewrite", "strip_tracking"]',
+        extra=f'\n[modules]\npath = ["{addons}"]\n',
+    )
+    try:
+        rc, out, err = await curl(
+            "-x",
+            px.http,
+            "--cacert",
+            str(px.ca_cert),
+            "-H",
+            "Cookie: _ga=GA1.2.3; session=abc",
+            f"https://localhost:{origin}/echo?utm_source=mail&q=1&gclid=x",
+        )
+        assert rc == 0, err
+        seen = json.loads(out)
+        assert seen["path"] == "/echo?q=1"
+        cookies = [v for k, v in seen["headers"] if k.lower() == "cookie"]
+        assert cookies == ["session=abc"]
     finally:
         await px.stop()
