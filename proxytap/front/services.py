@@ -170,6 +170,7 @@ class Services:
         decisions made for them); the counters go on.
         """
         old_auth = self.auth
+        old_pins = self.pins
         for f in dataclasses.fields(self):
             if not f.init:
                 setattr(self, f.name, getattr(fresh, f.name))
@@ -182,6 +183,9 @@ class Services:
             == (new_auth.throttle.limit, new_auth.throttle.window)
         ):
             new_auth.throttle = old_auth.throttle  # failed attempts still count
+        # clients that rejected proxytap's certificate stay passed through (new duration)
+        old_pins.ttl = self.pins.ttl
+        self.pins = old_pins
 
     def open_flow(
         self,

@@ -15,6 +15,7 @@ import asyncio
 import datetime
 import json
 import os
+import signal
 import socket
 import ssl
 import stat
@@ -753,5 +754,54 @@ async def test_listener_modules_run_inside_tls(
         assert seen["path"] == "/echo?q=1"
         cookies = [v for k, v in seen["headers"] if k.lower() == "cookie"]
         assert cookies == ["session=abc"]
+    finally:
+        await px.stop()
+
+
+# == reload: interception lists change on SIGHUP, pins survive ==============================
+
+
+async def test_sighup_turns_interception_on_and_keeps_the_pins(
+    home: Path, tmp_path: Path, pki: Pki, origin: int
+) -> None:
+    px = await start_intercepting(home, tmp_path, pki, tls='intercept = ["other.test"]')
+    cfg = tmp_path / "proxytap.toml"
+    url = f"https://localhost:{origin}/hello"
+    try:
+
+        async def get(cacert: Path) -> tuple[int, Endpoint | None, str]:
+            rc, out, err = await curl(
+                "-x", px.http, "--cacert", str(cacert), "-w", "\n%{local_ip} %{local_port}", url
+            )
+            body, _, w = out.rpartition("\n")
+            return rc, local(w) if rc == 0 else None, body or err
+
+        async def reload(lines: int) -> None:
+            assert px.proc.pid is not None
+            os.kill(px.proc.pid, signal.SIGHUP)
+            for _ in range(200):
+                if sum("config reloaded" in line for line in px.stderr) >= lines:
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError("".join(px.stderr[-20:]))
+
+        rc, client, body = await get(pki.ca_pem)  # localhost is not listed: passed through
+        assert rc == 0 and client is not None, body
+        await _flow_logged(px, client, decrypted=False)
+        cfg.write_text(
+            cfg.read_text().replace('intercept = ["other.test"]', 'intercept = ["localhost"]')
+        )
+        await reload(1)
+        rc, client, body = await get(px.ca_cert)  # now intercepted
+        assert rc == 0 and client is not None and body == "hello GET /hello", body
+        await _flow_logged(px, client, decrypted=True)
+        rc, _, _ = await get(pki.ca_pem)  # a client that rejects the leaf: pinned
+        assert rc != 0
+        assert await px.metric("proxytap_intercept_pinned_pairs") == 1
+        await reload(2)  # no change: the pin stays
+        assert await px.metric("proxytap_intercept_pinned_pairs") == 1
+        rc, client, body = await get(pki.ca_pem)
+        assert rc == 0 and client is not None, body
+        await _flow_logged(px, client, decrypted=False)
     finally:
         await px.stop()
