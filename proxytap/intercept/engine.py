@@ -34,6 +34,7 @@ import gc
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -102,10 +103,13 @@ def _keylog(path: str | None) -> None:
     net_tls.create_client_proxy_context.cache_clear()
 
 
+Tap = Callable[[bytes], None]
+
+
 class _Tap(asyncio.StreamReaderProtocol):
     """A stream protocol that also reports what it reads (ciphertext export)."""
 
-    def __init__(self, reader: asyncio.StreamReader, on_data: Any) -> None:
+    def __init__(self, reader: asyncio.StreamReader, on_data: Tap | None) -> None:
         super().__init__(reader)
         self._on_data = on_data
 
@@ -118,7 +122,7 @@ class _Tap(asyncio.StreamReaderProtocol):
 class _TappedTransport:
     """A transport seen through a ``StreamWriter``: writes reported (ciphertext export)."""
 
-    def __init__(self, transport: asyncio.Transport, on_write: Any) -> None:
+    def __init__(self, transport: asyncio.Transport, on_write: Tap) -> None:
         self._t = transport
         self._on_write = on_write
 
@@ -138,8 +142,8 @@ def streams(
     transport: asyncio.Transport,
     early: bytes,
     eof: bool,
-    on_read: Any = None,
-    on_write: Any = None,
+    on_read: Tap | None = None,
+    on_write: Tap | None = None,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A connected transport as a reader and writer (protocol swapped, early bytes fed)."""
     loop = asyncio.get_running_loop()

@@ -31,12 +31,11 @@ from typing import Final
 
 from proxytap.flows.table import DOWN, UP
 
-WAIT_CAP: Final = 1 << 20  # bytes kept per waiting exchange (each direction)
+WAIT_CAP: Final = 1 << 20  # body bytes kept per waiting exchange (both directions)
 TRUNCATED: Final = (b"X-Proxytap-Truncated", b"1")
 _CL: Final = b"content-length"
 _TE: Final = b"transfer-encoding"
 _HOST: Final = b"host"
-_NO_BODY_STATUS: Final = frozenset((204, 304))
 
 Fields = Sequence[tuple[bytes, bytes]]
 Emit = Callable[[int, bytes], None]
