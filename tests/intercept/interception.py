@@ -1,8 +1,9 @@
 """What the interception tests share: a real proxytap process, HTTPS origins, export readers.
 
-* ``Intercepting``: ``proxytap run`` as a subprocess with a TOML config written
-  here (listeners, ``[tls]`` interception of ``localhost``, the test CA trusted
-  for origins, SF-TAP flow sockets, the JSON flow log, the admin server).
+* ``Intercepting``: ``proxytap run`` as a subprocess (``tests.proxyproc``)
+  with a TOML config written here (listeners, ``[tls]`` interception of
+  ``localhost``, the test CA trusted for origins, SF-TAP flow sockets, the
+  JSON flow log, the admin server).
 * Origins: an aiohttp HTTPS origin with an echo of the request head, a
   WebSocket echo and a byte source; a hypercorn origin that speaks HTTP/2.
 * ``http_pairs``: the decrypted export parsed the way an HTTP/1.1 analyzer
@@ -14,12 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import re
-import signal
+import dataclasses
 import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +26,15 @@ import h11
 from aiohttp import WSMsgType, web
 
 from tests.certs import Pki
-from tests.conftest import start_proxytap
 from tests.export.sftap_helpers import TapReader
-
-Endpoint = tuple[str, int]
+from tests.proxyproc import Proxytap, launch
 
 
 @dataclass
-class Intercepting:
-    proc: asyncio.subprocess.Process
-    ports: dict[str, int]
-    lines: list[str]
-    home: Path
-    ca_dir: Path
-    flow_log: Path
-    admin: int
-    stderr: list[str] = field(default_factory=list)
+class Intercepting(Proxytap):
+    """A proxytap process with interception configured, and where its CA is."""
+
+    ca_dir: Path = Path()
 
     @property
     def ca_cert(self) -> Path:
@@ -57,41 +49,8 @@ class Intercepting:
         return f"127.0.0.1:{self.ports['socks']}"
 
     async def tap(self, name: str) -> TapReader:
+        assert self.home is not None
         return await TapReader.connect(self.home / name)
-
-    def flows(self) -> list[dict[str, Any]]:
-        if not self.flow_log.exists():
-            return []
-        return [json.loads(line) for line in self.flow_log.read_text().splitlines() if line]
-
-    async def metrics(self) -> str:
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.admin)
-        writer.write(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        data = await asyncio.wait_for(reader.read(), 10)
-        writer.close()
-        return data.decode()
-
-    async def metric(self, name: str, **labels: str) -> float:
-        text = await self.metrics()
-        for line in text.splitlines():
-            if not line.startswith(name):
-                continue
-            m = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
-            if m is None or m.group(1) != name:
-                continue
-            found = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-            if all(found.get(k) == v for k, v in labels.items()):
-                return float(m.group(3))
-        raise AssertionError(f"no sample {name} {labels}")
-
-    async def stop(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.proc.wait(), 15)
-        if self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
 
 
 def config_text(
@@ -143,22 +102,9 @@ async def start_intercepting(
     flow_log = work / "flows.jsonl"
     cfg = work / "proxytap.toml"
     cfg.write_text(config_text(home, ca_dir, flow_log, pki, tls, listener) + extra)
-    proc, ports, lines = await start_proxytap("--config", str(cfg))
-    admin = 0
-    for line in lines:
-        m = re.search(r"admin: serving http://127\.0\.0\.1:(\d+)/", line)
-        if m:
-            admin = int(m.group(1))
-    assert admin, lines
-    px = Intercepting(proc, ports, lines, home, ca_dir, flow_log, admin)
-    asyncio.get_running_loop().create_task(_drain(proc, px.stderr))
-    return px
-
-
-async def _drain(proc: asyncio.subprocess.Process, into: list[str]) -> None:
-    assert proc.stderr is not None
-    while line := await proc.stderr.readline():
-        into.append(line.decode(errors="replace"))
+    px = await launch(cfg)
+    base = {f.name: getattr(px, f.name) for f in dataclasses.fields(px)}
+    return Intercepting(**{**base, "flow_log": flow_log, "home": home}, ca_dir=ca_dir)
 
 
 # -- origins ------------------------------------------------------------------------------

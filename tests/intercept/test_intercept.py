@@ -171,13 +171,8 @@ async def test_intercepted_exchange_is_exported_decrypted(
 
 
 async def _flow_logged(px: Intercepting, client: Endpoint, decrypted: bool) -> None:
-    for _ in range(200):
-        hits = [f for f in px.flows() if f["id.orig_p"] == client[1]]
-        if hits:
-            assert hits[0]["decrypted"] is decrypted, hits
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no flow record for {client}: {px.flows()}")
+    record = await px.flow_of(client)
+    assert record["decrypted"] is decrypted, record
 
 
 # == passthrough: the ciphertext on tcp/ssl, unchanged =====================================
@@ -400,7 +395,7 @@ async def test_bad_origin_certificate_is_refused_and_counted(
     assert "proxy-status: proxytap; error=tls_certificate_error" in out.lower()
     assert "hello" not in out.split("\r\n\r\n", 1)[1][:5]
     assert await px.metric("proxytap_intercept_upstream_tls_errors_total", reason=reason) == 1
-    assert any("failed TLS verification" in line for line in px.stderr)
+    assert any("failed TLS verification" in line for line in px.lines)
 
 
 # == pinning fail-open ====================================================================
@@ -429,7 +424,7 @@ async def test_client_that_rejects_the_leaf_gets_the_host_passed_through(
         )
         == 1
     )
-    assert any("rejected proxytap's certificate" in line for line in px.stderr)
+    assert any("rejected proxytap's certificate" in line for line in px.lines)
 
 
 # == key log, reserved name, ciphertext export ============================================
@@ -641,7 +636,7 @@ async def test_abrupt_endings_leave_no_session_behind(px: Intercepting, origin: 
     )
     records = px.flows()
     assert len(records) == 4, records  # every tunnel's flow ended and was logged
-    assert not any("Traceback" in line for line in px.stderr), "".join(px.stderr)
+    assert not any("Traceback" in line for line in px.lines), "".join(px.lines)
 
 
 # == long-running: intercepted sessions give their memory back ===========================
@@ -780,10 +775,10 @@ async def test_sighup_turns_interception_on_and_keeps_the_pins(
             assert px.proc.pid is not None
             os.kill(px.proc.pid, signal.SIGHUP)
             for _ in range(200):
-                if sum("config reloaded" in line for line in px.stderr) >= lines:
+                if sum("config reloaded" in line for line in px.lines) >= lines:
                     return
                 await asyncio.sleep(0.05)
-            raise AssertionError("".join(px.stderr[-20:]))
+            raise AssertionError("".join(px.lines[-20:]))
 
         rc, client, body = await get(pki.ca_pem)  # localhost is not listed: passed through
         assert rc == 0 and client is not None, body
