@@ -298,6 +298,7 @@ def client_main(argv: list[str]) -> int:
     ap.add_argument("--conns", type=int, default=4)
     ap.add_argument("--secs", type=float, required=True)
     ap.add_argument("--start-at", type=float, default=0.0)
+    ap.add_argument("--result", type=Path, required=True)
     a = ap.parse_args(argv)
     if a.mode == "keepalive":
         try:
@@ -308,7 +309,10 @@ def client_main(argv: list[str]) -> int:
             res = asyncio.run(keepalive_client(a))
     else:
         res = bulk_client(a)
-    print(json.dumps(res))
+    # a file, not stdout: the latencies pass 64 KiB and uvloop leaves stdout non-blocking
+    tmp = a.result.with_suffix(".part")
+    tmp.write_text(json.dumps(res))
+    tmp.rename(a.result)
     return 0
 
 
@@ -326,7 +330,7 @@ class Procs:
             if logfile is not None:
                 f = files.enter_context(open(logfile, "ab"))
                 kw.setdefault("stdout", f)
-                kw.setdefault("stderr", subprocess.STDOUT)
+                kw.setdefault("stderr", f)
             p: subprocess.Popen[bytes] = subprocess.Popen(
                 argv, start_new_session=True, stdin=subprocess.DEVNULL, **kw
             )
@@ -552,6 +556,7 @@ class Bench:
         self.mitm_port = a.port_base + 2
         self.py = sys.executable
         self.origin_ca: Path = tmp / "origin-ca.pem"
+        self.n_clients = 0
 
     # -- origin --------------------------------------------------------------------
 
@@ -623,6 +628,7 @@ class Bench:
             extra: list[Any] = []
             if name == "proxytap-export":
                 rout = self.tmp / "reader.out"
+                rout.unlink(missing_ok=True)
                 rd = self.procs.start(
                     "reader",
                     [
@@ -636,8 +642,7 @@ class Bench:
                         "--stats",
                         str(self.out / "intercept-reader.json"),
                     ],
-                    stdout=open(rout, "wb"),  # noqa: SIM115 - the child owns it
-                    stderr=subprocess.STDOUT,
+                    rout,
                 )
                 wait_until(lambda: b"READY" in rout.read_bytes(), 20, "reader", rd)
                 extra.append(rd)
@@ -688,20 +693,29 @@ class Bench:
             "--start-at",
             repr(start_at),
         ]
-        return self.procs.start(f"client-{mode}", argv, stdout=subprocess.PIPE)
+        self.n_clients += 1
+        result = self.tmp / f"client-{self.n_clients}.json"
+        p = self.procs.start(
+            f"client-{mode}",
+            [*argv, "--result", str(result)],
+            self.out / "intercept-clients.log",
+            stdout=subprocess.DEVNULL,
+        )
+        return p, result
 
-    def collect(self, p: subprocess.Popen[bytes], secs: float) -> dict[str, Any]:
+    def collect(self, kid: tuple[subprocess.Popen[bytes], Path], secs: float) -> dict[str, Any]:
+        p, result = kid
         try:
-            out, _ = p.communicate(timeout=secs)
+            p.wait(timeout=secs)
         except subprocess.TimeoutExpired:
             self.procs.stop(p, 2.0)
             return dict(error="client timed out")
         self.procs.live = [(n, q) for n, q in self.procs.live if q is not p]
         try:
-            res: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+            res: dict[str, Any] = json.loads(result.read_text())
             return res
-        except (ValueError, IndexError):
-            return dict(error=f"client exit {p.returncode}, no result")
+        except (OSError, ValueError) as exc:
+            return dict(error=f"client exit {p.returncode}, no result ({exc})")
 
     def keepalive(self, pid: int | None, port: int, cafile: str) -> dict[str, Any]:
         a = self.a
@@ -744,7 +758,7 @@ class Bench:
         k = self.client("bulk", port, cafile, a.bulk_max_secs)
         peak = 0
         for _ in range(int((a.bulk_max_secs + 60) / 0.2)):
-            if k.poll() is not None:
+            if k[0].poll() is not None:
                 break
             if pid:
                 peak = max(peak, usage(pid)[1])
@@ -1011,7 +1025,8 @@ def main(argv: list[str]) -> int:
             bench = Bench(a, tmp, procs)
             for n in a.proxies:
                 (a.out / f"intercept-{n}.log").unlink(missing_ok=True)
-            (a.out / "intercept-nginx.log").unlink(missing_ok=True)
+            for n in ("nginx", "clients"):
+                (a.out / f"intercept-{n}.log").unlink(missing_ok=True)
             bench.origin_up()
             for rnd in range(1, a.rounds + 1):
                 order = a.proxies if rnd % 2 else list(reversed(a.proxies))
@@ -1033,6 +1048,9 @@ def main(argv: list[str]) -> int:
     meta = versions(a)
     meta["wall_s"] = round(time.monotonic() - t_start, 1)
     text = report(results, a, meta)
+    clients = a.out / "intercept-clients.log"
+    if clients.exists() and "Traceback" in clients.read_text(errors="replace"):
+        text += f"* the clients' log has tracebacks: {clients}\n"
     (a.out / "intercept.json").write_text(
         json.dumps(
             dict(
