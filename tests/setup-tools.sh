@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the real external tools the test suite drives (curl, htpasswd, promtool, tshark: the JA3 oracle and the PCAP reader; mergecap comes with it; haproxy: the load balancer in front of two proxytap instances, run by the test itself, never as a service). Debian packages only; a no-op when they are present.
+# Installs the real external tools the test suite drives (curl, htpasswd, promtool, tshark: the JA3 oracle and the PCAP reader; mergecap comes with it; haproxy: the load balancer in front of two proxytap instances, run by the test itself, never as a service; chromium, headless, and certutil for its NSS trust store: the browser of the interception acceptance test, whose HTTP/2 origin is nginx, also run by the test itself). Debian packages only; a no-op when they are present.
 set -euo pipefail
 need=()
 command -v curl >/dev/null 2>&1 || need+=(curl)
@@ -9,6 +9,9 @@ command -v tshark >/dev/null 2>&1 || need+=(tshark)
 command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 # systemd-analyze, systemd-sysusers, systemd-tmpfiles: checks of deploy/systemd (no running systemd needed)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+[ -x /usr/lib/chromium/chromium ] || need+=(chromium)
+command -v certutil >/dev/null 2>&1 || need+=(libnss3-tools)
+[ -x /usr/sbin/nginx ] || need+=(nginx)
 # upstream proxies of the chaining tests (run by the tests on loopback ports, never as services)
 command -v microsocks >/dev/null 2>&1 || need+=(microsocks)
 command -v squid >/dev/null 2>&1 || need+=(squid)
@@ -25,6 +28,9 @@ if [ ${#need[@]} -gt 0 ]; then
   # the tests run their own haproxy on loopback ports; the packaged service stays off
   if [[ " ${need[*]} " == *" haproxy "* ]] && [ -d /run/systemd/system ]; then
     systemctl disable --now haproxy >/dev/null 2>&1 || true
+  fi
+  if [[ " ${need[*]} " == *" nginx "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now nginx >/dev/null 2>&1 || true
   fi
   if [[ " ${need[*]} " == *" squid "* ]] && [ -d /run/systemd/system ]; then
     systemctl disable --now squid >/dev/null 2>&1 || true
