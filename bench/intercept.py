@@ -869,7 +869,7 @@ def report(results: list[Result], a: argparse.Namespace, meta: dict[str, Any]) -
     lines = [
         f"## Interception: proxytap vs mitmdump ({meta['when']})",
         "",
-        f"Host: {meta['host']}. proxytap {meta['commit']}, mitmproxy {meta['mitmproxy']}, "
+        f"Host: {meta['host']}. proxytap: {meta['proxytap']}, mitmproxy {meta['mitmproxy']}, "
         f"nginx origin (1 worker, TLS). Rounds: {a.rounds}; values are medians over rounds.",
         f"K: {a.procs} client processes x {a.conns} keep-alive connections (CONNECT + TLS 1.3, "
         f"then GET /small, {SMALL} B body) for {a.secs:g} s. L: one GET /big, {a.bulk_mib} MiB "
@@ -963,11 +963,15 @@ def versions(a: argparse.Namespace) -> dict[str, Any]:
             return "?"
 
     commit = run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"]) or "?"
+    default = str(ROOT / ".venv" / "bin" / "proxytap")
+    # another proxytap (BENCH_PROXYTAP, e.g. a clean worktree's) is named, not this tree's commit
+    proxytap = f"this tree at {commit}" if a.proxytap == default else f"`{a.proxytap}`"
     mitm = run([a.mitmdump, "--version"]).splitlines()
     return dict(
         when=time.strftime("%Y-%m-%d %H:%M"),
         host=f"{os.uname().release}, {os.cpu_count()} CPUs",
         commit=commit,
+        proxytap=proxytap,
         mitmproxy=mitm[0].split()[-1] if mitm else "?",
     )
 
