@@ -53,19 +53,32 @@ class Proxytap:
             await asyncio.sleep(0.02)
         raise AssertionError(f"no flow record for {client}: {self.flows()}")
 
-    async def metric(self, name: str, **labels: str) -> float:
+    async def samples(self, name: str, **labels: str) -> list[float]:
+        """Every sample of ``name`` on /metrics whose labels include ``labels``."""
         reader, writer = await asyncio.open_connection("127.0.0.1", self.admin)
         writer.write(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
         text = (await asyncio.wait_for(reader.read(), 10)).decode()
         writer.close()
+        out = []
         for line in text.splitlines():
             m = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
             if m is None or m.group(1) != name:
                 continue
             found = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
             if all(found.get(k) == v for k, v in labels.items()):
-                return float(m.group(3))
-        raise AssertionError(f"no sample {name} {labels}")
+                out.append(float(m.group(3)))
+        return out
+
+    async def metric(self, name: str, **labels: str) -> float:
+        found = await self.samples(name, **labels)
+        if not found:
+            raise AssertionError(f"no sample {name} {labels}")
+        return found[0]
+
+    async def metric_sum(self, name: str, **labels: str) -> float:
+        """The sum over the samples of ``name`` with ``labels`` (0 when there is none yet:
+        a labelled family shows no sample before its first labelled event)."""
+        return sum(await self.samples(name, **labels))
 
     async def logged(self, pattern: str, within: float = 5) -> str:
         loop = asyncio.get_running_loop()

@@ -40,14 +40,12 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 
@@ -56,12 +54,12 @@ from tests.certs import Pki, make_pki
 from tests.conftest import closed_port
 from tests.export.sftap_helpers import TapReader, check_stream, short_tmp
 from tests.intercept.interception import header, http_pairs
+from tests.proxyproc import Proxytap, launch
 
 pytestmark = pytest.mark.slow
 
 CHROMIUM = Path("/usr/lib/chromium/chromium")  # the real binary; /usr/bin/chromium is a script
 NGINX = Path("/usr/sbin/nginx")
-PROXYTAP = (sys.executable, "-m", "proxytap")
 START_WITHIN = 30.0  # seconds for nginx or proxytap to come up (two busy cores)
 BROWSER_WITHIN = 120.0  # seconds for one headless page load, start to exit
 EXPORT_WITHIN = 30.0  # seconds for a finished flow to reach the flow log and the flow sockets
@@ -190,119 +188,27 @@ class Nginx:
 # -- proxytap ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Proxytap:
-    """``proxytap run --config FILE``: an HTTP listener, admin, interception, flow log, export."""
-
-    dir: Path
-    sftap_home: Path
-    upstream_ca: Path
-    proc: subprocess.Popen[bytes] | None = None
-    port: int = 0
-    admin: str = ""
-
-    @property
-    def ca_dir(self) -> Path:
-        return self.dir / "ca"
-
-    @property
-    def flow_log(self) -> Path:
-        return self.dir / "flows.jsonl"
-
-    @property
-    def log(self) -> Path:
-        return self.dir / "proxytap.log"
-
-    def start(self) -> None:
-        config = self.dir / "proxytap.toml"
-        config.write_text(
-            "[[listeners]]\n"
-            'name = "http"\nkind = "http"\naddress = "127.0.0.1:0"\n\n'
-            '[admin]\naddress = "127.0.0.1:0"\n\n'
-            "[access]\n"
-            'allow_dest = ["127.0.0.0/8", "::1/128"]\nconnect_ports = ["1-65535"]\n\n'
-            "[tls]\n"
-            f'ca_dir = "{self.ca_dir}"\nintercept = ["localhost"]\n'
-            f'upstream_ca = "{self.upstream_ca}"\n\n'
-            f'[log]\nflows = "{self.flow_log}"\n\n'
-            f'[export]\nsftap_home = "{self.sftap_home}"\n'
-            # flows classified on both directions' first bytes, never on the timer: an
-            # intercepted flow's timer runs from the CONNECT, through both TLS handshakes,
-            # and a loaded machine can take longer than the default 0.5 s to the first
-            # response byte (the flow would then be http_client, rightly, on what it had)
-            f"classify_timeout = {CLASSIFY_WITHIN}\n"
-        )
-        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [*PROXYTAP, "run", "--config", str(config)],
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                env=env,
-                cwd=self.dir,
-            )
-        deadline = time.monotonic() + START_WITHIN
-        while "proxytap ready" not in self.text():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"proxytap exited {self.proc.returncode}: {self.text()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"proxytap not ready: {self.text()}")
-            time.sleep(0.05)
-        text = self.text()
-        m = re.search(r"listening: http on 127\.0\.0\.1:(\d+)", text)
-        assert m, text
-        self.port = int(m[1])
-        m = re.search(r"admin: serving (http://\S+)/metrics", text)
-        assert m, text
-        self.admin = m[1]
-
-    def text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def flows(self) -> list[dict[str, Any]]:
-        try:
-            lines = self.flow_log.read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        return [json.loads(line) for line in lines if line.strip()]
-
-    async def metric(self, name: str, missing: float | None = None, **labels: str) -> float:
-        """The sum of the samples of ``name`` with ``labels`` on /metrics.
-
-        A family without such a sample is ``missing``, or a failure when that is None.
-        """
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(f"{self.admin}/metrics", timeout=aiohttp.ClientTimeout(total=10)) as r,
-        ):
-            text = await r.text()
-        found: list[float] = []
-        for line in text.splitlines():
-            m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$", line)
-            if not m or m[1] != name:
-                continue
-            got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m[2] or ""))
-            if all(got.get(k) == v for k, v in labels.items()):
-                found.append(float(m[3]))
-        if not found and missing is not None:
-            return missing
-        assert found, f"no {name}{labels} on /metrics"
-        return sum(found)
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
+def proxytap_config(work: Path, sftap_home: Path, upstream_ca: Path) -> Path:
+    """An HTTP listener, admin, interception of ``localhost``, the flow log, flow sockets."""
+    config = work / "proxytap.toml"
+    config.write_text(
+        "[[listeners]]\n"
+        'name = "http"\nkind = "http"\naddress = "127.0.0.1:0"\n\n'
+        '[admin]\naddress = "127.0.0.1:0"\n\n'
+        "[access]\n"
+        'allow_dest = ["127.0.0.0/8", "::1/128"]\nconnect_ports = ["1-65535"]\n\n'
+        "[tls]\n"
+        f'ca_dir = "{work / "ca"}"\nintercept = ["localhost"]\n'
+        f'upstream_ca = "{upstream_ca}"\n\n'
+        f'[log]\nflows = "{work / "flows.jsonl"}"\n\n'
+        f'[export]\nsftap_home = "{sftap_home}"\n'
+        # flows classified on both directions' first bytes, never on the timer: an
+        # intercepted flow's timer runs from the CONNECT, through both TLS handshakes,
+        # and a loaded machine can take longer than the default 0.5 s to the first
+        # response byte (the flow would then be http_client, rightly, on what it had)
+        f"classify_timeout = {CLASSIFY_WITHIN}\n"
+    )
+    return config
 
 
 # -- the browser ------------------------------------------------------------------------------
@@ -524,24 +430,22 @@ class Stack:
     http_tap: Analyzer  # on tcp/http
     ssl_tap: Analyzer  # on tcp/ssl
 
+    @property
+    def proxy_port(self) -> int:
+        return self.proxy.port("http")
+
+    @property
+    def proxy_ca(self) -> Path:
+        return self.work / "ca" / "proxytap-ca-cert.pem"
+
+    def log(self) -> str:
+        return "".join(self.proxy.lines)
+
     def diagnostics(self) -> str:
         return (
-            f"proxytap log:\n{self.proxy.text()[-3000:]}\nnginx:\n{self.nginx.errors()}\n"
+            f"proxytap log:\n{self.log()[-3000:]}\nnginx:\n{self.nginx.errors()}\n"
             f"access: {self.nginx.access()}"
         )
-
-
-@contextlib.contextmanager
-def _stopping(*stops: Any) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for stop in stops:
-            stop()
-
-
-async def _subscribers(proxy: Proxytap) -> float:
-    return await proxy.metric("proxytap_export_subscribers", sink="sftap")
 
 
 @pytest.fixture
@@ -553,27 +457,38 @@ def origin_pki(tmp_path: Path) -> Pki:
 
 
 @pytest.fixture
-async def stack(tmp_path: Path, origin_pki: Pki) -> AsyncIterator[Stack]:
-    pki = origin_pki
-    nginx = Nginx(tmp_path / "nginx", pki)
+def nginx(tmp_path: Path, origin_pki: Pki) -> Iterator[Nginx]:
+    server = Nginx(tmp_path / "nginx", origin_pki)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, origin_pki: Pki, nginx: Nginx) -> AsyncIterator[Stack]:
     with short_tmp() as short:
-        proxy = Proxytap(tmp_path, short / "sf", pki.ca_pem)
-        with _stopping(nginx.stop, proxy.stop):
-            nginx.start()
-            proxy.start()
+        sf = short / "sf"
+        px = await launch(proxytap_config(tmp_path, sf, origin_pki.ca_pem))
+        px.flow_log, px.home = tmp_path / "flows.jsonl", sf
+        try:
             async with sink() as browser_sink:
-                http = Analyzer(await TapReader.connect(short / "sf" / "tcp" / "http"), "tcp/http")
-                ssl_ = Analyzer(await TapReader.connect(short / "sf" / "tcp" / "ssl"), "tcp/ssl")
+                http = Analyzer(await TapReader.connect(sf / "tcp" / "http"), "tcp/http")
+                ssl_ = Analyzer(await TapReader.connect(sf / "tcp" / "ssl"), "tcp/ssl")
                 try:
                     deadline = asyncio.get_running_loop().time() + START_WITHIN
-                    while await _subscribers(proxy) < 2:  # both readers accepted
+                    # both readers accepted before the browser starts
+                    while await px.metric("proxytap_export_subscribers", sink="sftap") < 2:
                         assert asyncio.get_running_loop().time() < deadline, "readers not seen"
                         await asyncio.sleep(0.05)
-                    yield Stack(tmp_path, pki, nginx, proxy, browser_sink, http, ssl_)
+                    yield Stack(tmp_path, origin_pki, nginx, px, browser_sink, http, ssl_)
                 finally:
                     await http.close()
                     await ssl_.close()
-        assert proxy.proc is not None and proxy.proc.returncode == 0, proxy.text()[-3000:]
+        finally:
+            await px.stop()
+        assert px.proc.returncode == 0, "".join(px.lines)[-3000:]
 
 
 # -- the tests --------------------------------------------------------------------------------
@@ -584,9 +499,9 @@ async def settled(stack: Stack) -> list[dict[str, Any]]:
     proxy = stack.proxy
     deadline = asyncio.get_running_loop().time() + EXPORT_WITHIN
     while True:
-        open_ = await proxy.metric("proxytap_downstream_connections_active", missing=0)
-        open_ += await proxy.metric("proxytap_flows_active", missing=0)
-        closed = await proxy.metric("proxytap_flows_closed_total", missing=0)
+        open_ = await proxy.metric_sum("proxytap_downstream_connections_active")
+        open_ += await proxy.metric_sum("proxytap_flows_active")
+        closed = await proxy.metric_sum("proxytap_flows_closed_total")
         records = proxy.flows()
         if open_ == 0 and closed > 0 and len(records) == closed:
             return records
@@ -615,8 +530,8 @@ def assert_page(load: Load, host: str) -> None:
 
 def assert_only_origin_and_sink(stack: Stack, records: list[dict[str, Any]], host: str) -> None:
     """The browser asked for nothing but the origin and the local sink (no Google hosts)."""
-    asked = destinations(stack.proxy.text())
-    assert asked <= {"127.0.0.1", host} and host in asked, (asked, stack.proxy.text()[-3000:])
+    asked = destinations(stack.log())
+    assert asked <= {"127.0.0.1", host} and host in asked, (asked, stack.log()[-3000:])
     ports = {(r["id.resp_h"], r["id.resp_p"]) for r in records}
     assert ports <= {("127.0.0.1", stack.nginx.port), ("127.0.0.1", stack.sink.port)}, records
 
@@ -624,10 +539,9 @@ def assert_only_origin_and_sink(stack: Stack, records: list[dict[str, Any]], hos
 async def test_chromium_page_intercepted_over_http2(stack: Stack) -> None:
     """``localhost`` is intercepted: Chromium trusts only proxytap's CA and speaks h2 to it."""
     origin = f"localhost:{stack.nginx.port}"
-    ca = stack.proxy.ca_dir / "proxytap-ca-cert.pem"
-    home = make_home(stack.work / "home-intercept", ca, "proxytap")
+    home = make_home(stack.work / "home-intercept", stack.proxy_ca, "proxytap")
     load = await load_page(
-        f"https://{origin}/", home, stack.proxy.port, stack.sink.port, stack.work / "chromium"
+        f"https://{origin}/", home, stack.proxy_port, stack.sink.port, stack.work / "chromium"
     )
     assert_page(load, origin)
 
@@ -640,7 +554,7 @@ async def test_chromium_page_intercepted_over_http2(stack: Stack) -> None:
         assert r["sni"] == r["requested_host"] == "localhost", r
         assert "h2" in (r["alpn"] or "").split(","), r
         assert r["id.resp_h"] == r["id.orig_h"] == "127.0.0.1", r
-        assert r["id.orig_p"] not in (stack.proxy.port, stack.nginx.port), r
+        assert r["id.orig_p"] not in (stack.proxy_port, stack.nginx.port), r
         assert r["tunnel"] == "http-connect", r
         # a browser that exits may abort a socket (unread TLS tickets on a spare one): reset
         assert r["close_reason"] in ("normal", "reset"), r
@@ -695,7 +609,7 @@ async def test_chromium_page_passed_through(stack: Stack) -> None:
     origin = f"127.0.0.1:{stack.nginx.port}"
     home = make_home(stack.work / "home-passthrough", stack.pki.ca_pem, "origin-test-ca")
     load = await load_page(
-        f"https://{origin}/", home, stack.proxy.port, stack.sink.port, stack.work / "chromium"
+        f"https://{origin}/", home, stack.proxy_port, stack.sink.port, stack.work / "chromium"
     )
     assert_page(load, origin)
 
@@ -706,14 +620,15 @@ async def test_chromium_page_passed_through(stack: Stack) -> None:
         assert r["decrypted"] is False and r["tls_version"] is None, r  # ciphertext only
         assert r["requested_host"] == "127.0.0.1" and r["sni"] is None, r  # no SNI for an IP
         assert r["id.resp_h"] == r["id.orig_h"] == "127.0.0.1", r
-        assert r["id.orig_p"] not in (stack.proxy.port, stack.nginx.port), r
+        assert r["id.orig_p"] not in (stack.proxy_port, stack.nginx.port), r
         assert r["tunnel"] == "http-connect" and r["close_reason"] in ("normal", "reset"), r
     busy = [r for r in tunnels if r["orig_bytes"]]
     assert busy, tunnels
     for r in busy:
         assert r["service"] == "ssl", r
         assert "h2" in (r["alpn"] or "").split(","), r
-    assert await stack.proxy.metric("proxytap_intercept_requests_total") == 0
+    for protocol in ("http1", "http2"):
+        assert await stack.proxy.metric("proxytap_intercept_requests_total", protocol=protocol) == 0
 
     # nginx talked TLS and HTTP/2 with Chromium itself: GREASE in the offered suites, no SNI
     access = stack.nginx.access()
