@@ -99,6 +99,17 @@ class Hub:
         if self._timer is None:
             self._timer = loop.call_at(deadline, self._expire, loop)
 
+    def rearm(self, flow: Flow) -> None:
+        """Restart the ``classify_timeout`` of a flow that has no bytes yet.
+
+        For a flow whose bytes start well after it opened: an intercepted
+        tunnel's decrypted bytes come after two TLS handshakes, and judging it
+        on nothing would put it on ``default`` (or on half an exchange).
+        """
+        state = flow.tap
+        if isinstance(state, _Pending) and not state.events:
+            self.opened(flow)  # a new state: the old deadline no longer matches it
+
     def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
         """Decide the flows whose ``classify_timeout`` has passed (on what they have)."""
         self._timer = None

@@ -85,6 +85,7 @@ class Session:
         self.order = ExchangeOrder(self.emit)
         self.exchanges: dict[str, Exchange] = {}  # engine flow id -> export
         self.client_tls = False  # the client accepted proxytap's certificate
+        self.emitted = False  # decrypted bytes went to the export
         self.upstream_error: str | None = None  # the origin's TLS failed (its certificate)
         name = hello.sni or flow.requested_host
         try:
@@ -108,6 +109,10 @@ class Session:
         if not data:
             return
         flow = self.flow
+        if not self.emitted:
+            self.emitted = True
+            if self.hub is not None:  # classified on the decrypted bytes, timed from them
+                self.hub.rearm(flow)
         if direction == UP:
             flow.bytes_up += len(data)
             flow.chunks_up += 1

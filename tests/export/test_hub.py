@@ -194,6 +194,24 @@ async def test_classify_timeout_runs_one_timer_over_flows_in_opening_order() -> 
     assert hub._timer is None  # nothing left to wait for
 
 
+async def test_rearm_restarts_the_classify_timeout_of_a_flow_without_bytes() -> None:
+    """An intercepted flow's bytes start after two TLS handshakes: timed from the first."""
+    hub = Hub(Classifier(), classify_timeout=0.2)
+    sub = Sub()
+    hub.subscribe(sub)
+    flow = make_flow(FlowTable())
+    hub.opened(flow)
+    await asyncio.sleep(0.15)
+    hub.rearm(flow)
+    hub.data(flow, UP, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 1.0)
+    await asyncio.sleep(0.1)  # past the first deadline, not the rearmed one
+    assert flow.l7 is None and hub.timed_out == 0
+    hub.data(flow, DOWN, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 1.0)
+    assert flow.l7 == "http"  # on its bytes, both ways
+    hub.rearm(flow)  # a classified flow: nothing changes
+    assert flow.l7 == "http" and sub.kinds() == ["created", "data", "data"]
+
+
 # -- subscribers -------------------------------------------------------------------------
 
 

@@ -63,7 +63,6 @@ NGINX = Path("/usr/sbin/nginx")
 START_WITHIN = 30.0  # seconds for nginx or proxytap to come up (two busy cores)
 BROWSER_WITHIN = 120.0  # seconds for one headless page load, start to exit
 EXPORT_WITHIN = 30.0  # seconds for a finished flow to reach the flow log and the flow sockets
-CLASSIFY_WITHIN = 60.0  # export.classify_timeout: longer than any page load here
 
 # the icon is inline: a /favicon.ico request would race the browser's exit after --dump-dom
 PAGE = """<!doctype html>
@@ -202,11 +201,8 @@ def proxytap_config(work: Path, sftap_home: Path, upstream_ca: Path) -> Path:
         f'upstream_ca = "{upstream_ca}"\n\n'
         f'[log]\nflows = "{work / "flows.jsonl"}"\n\n'
         f'[export]\nsftap_home = "{sftap_home}"\n'
-        # flows classified on both directions' first bytes, never on the timer: an
-        # intercepted flow's timer runs from the CONNECT, through both TLS handshakes,
-        # and a loaded machine can take longer than the default 0.5 s to the first
-        # response byte (the flow would then be http_client, rightly, on what it had)
-        f"classify_timeout = {CLASSIFY_WITHIN}\n"
+        # export.classify_timeout stays at its default: an intercepted flow's timer
+        # starts at its first decrypted byte (Hub.rearm), not at the CONNECT
     )
     return config
 
