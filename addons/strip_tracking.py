@@ -12,11 +12,12 @@ A proxytap module (see the README, "Modules"). Put it in a listener's chain::
     cookies = ["_pk_id"]
 
 Plain-HTTP requests, and requests inside intercepted TLS (``tls.intercept``);
-other tunnels are encrypted and pass untouched. Removed from the query: ``utm_*`` and the click ids of the
-big ad networks (``fbclid``, ``gclid``, ``msclkid``...). Removed from
-``Cookie``: Google Analytics / Ads, Meta, Microsoft and HubSpot cookies
-(``_ga``, ``_ga_<id>``, ``_gid``, ``_gcl_au``, ``_fbp``, ``__utma``...). The
-rest of the URL and of the cookie line is kept byte for byte, in order.
+other tunnels are encrypted and pass untouched. Removed from the query:
+``utm_*`` and the click ids of the big ad networks (``fbclid``, ``gclid``,
+``msclkid``...). Removed from ``Cookie``: Google Analytics / Ads, Meta,
+Microsoft and HubSpot cookies (``_ga``, ``_ga_<id>``, ``_gid``, ``_gcl_au``,
+``_fbp``, ``__utma``...). The rest of the URL and of the cookie line is kept
+byte for byte, in order.
 """
 
 from __future__ import annotations

@@ -53,6 +53,7 @@ log = logging.getLogger("proxytap.intercept")
 _REJECTED = ("unknown ca", "bad certificate", "certificate unknown", "does not trust")
 _HANDSHAKE_CLOSE = "disconnected during the handshake"
 _NO_BODY = frozenset((204, 304))
+REFUSED_BODY_MAX = 1 << 20  # a refused request's body read (and dropped) to answer it
 
 
 def upstream_tls_reason(error: str) -> str:
@@ -84,7 +85,6 @@ class Session:
         self.reason: CloseReason | None = None
         self.order = ExchangeOrder(self.emit)
         self.exchanges: dict[str, Exchange] = {}  # engine flow id -> export
-        self.client_tls = False  # the client accepted proxytap's certificate
         self.emitted = False  # decrypted bytes went to the export
         self.upstream_error: str | None = None  # the origin's TLS failed (its certificate)
         name = hello.sni or flow.requested_host
@@ -108,11 +108,22 @@ class Session:
         """Decrypted bytes of the inner flow (rendered HTTP/1.1, WebSocket or TCP payload)."""
         if not data:
             return
-        flow = self.flow
         if not self.emitted:
             self.emitted = True
             if self.hub is not None:  # classified on the decrypted bytes, timed from them
-                self.hub.rearm(flow)
+                self.hub.rearm(self.flow)
+        self._tap(self.flow, direction, data)
+
+    def cipher_up(self, data: bytes) -> None:
+        if self.cipher is not None and data:
+            self._tap(self.cipher, UP, data)
+
+    def cipher_down(self, data: bytes) -> None:
+        if self.cipher is not None and data:
+            self._tap(self.cipher, DOWN, data)
+
+    def _tap(self, flow: Flow, direction: int, data: bytes) -> None:
+        """Count ``data`` on ``flow`` and hand it to the export."""
         if direction == UP:
             flow.bytes_up += len(data)
             flow.chunks_up += 1
@@ -121,24 +132,6 @@ class Session:
             flow.chunks_down += 1
         if self.hub is not None:
             self.hub.data(flow, direction, data, time.time())
-
-    def cipher_up(self, data: bytes) -> None:
-        self._cipher(UP, data)
-
-    def cipher_down(self, data: bytes) -> None:
-        self._cipher(DOWN, data)
-
-    def _cipher(self, direction: int, data: bytes) -> None:
-        flow = self.cipher
-        if flow is None or self.hub is None or not data:
-            return
-        if direction == UP:
-            flow.bytes_up += len(data)
-            flow.chunks_up += 1
-        else:
-            flow.bytes_down += len(data)
-            flow.chunks_down += 1
-        self.hub.data(flow, direction, data, time.time())
 
     # -- life ---------------------------------------------------------------------
 
@@ -191,7 +184,6 @@ class ProxytapAddon:
         session = self._session(data.context.client)
         if session is None:
             return
-        session.client_tls = True
         flow = session.flow
         conn = data.conn
         flow.tls_version = conn.tls_version
@@ -257,14 +249,14 @@ class ProxytapAddon:
                 status=502,
                 proxy_status=status,
             )
-            f.response = _error_response(session, err)
+            _refuse(session, f, err)
             return
         try:
             head = _judge_request(session, f)
         except ProtocolError as err:
-            f.response = _error_response(session, err)
             self.services.stats.intercept[("refused", "request")] += 1
             ex.request_head(_line(req), _fields(req, h2))
+            _refuse(session, f, err)
             return
         ex.request_head(request_line(head.method, head.path, _version(req)), _fields(req, h2))
         req.stream = _streamer(session, ex, UP, head.chunked or h2)
@@ -273,6 +265,8 @@ class ProxytapAddon:
         session = self._session(f.client_conn)
         ex = None if session is None else session.exchanges.get(f.id)
         if ex is not None:
+            if f.request.raw_content:  # not streamed: a refused request's body, read whole
+                ex.body(UP, f.request.raw_content)
             ex.message_end(UP)
 
     def responseheaders(self, f: http.HTTPFlow) -> None:
@@ -301,6 +295,8 @@ class ProxytapAddon:
         ex = session.exchanges.pop(f.id, None)
         if ex is not None:
             ex.message_end(UP)
+            if f.response is not None and f.response.raw_content:  # not streamed: ours
+                ex.body(DOWN, f.response.raw_content)
             ex.message_end(DOWN)
             ex.end()
         self.services.stats.intercept_requests[_protocol(f)] += 1
@@ -501,6 +497,26 @@ def _filter_payload(session: Session, msg: Any, from_client: bool) -> bool:
         log.warning("intercept: a module closed %s: %s", session.flow.uid, err.reason)
         return False
     return True
+
+
+def _refuse(session: Session, f: http.HTTPFlow, err: ProtocolError) -> None:
+    """Answer ``f`` with proxytap's error instead of sending it on.
+
+    The engine reads a request's body whole before it answers for an addon. A
+    body that is not known to be small (over ``REFUSED_BODY_MAX``, or chunked)
+    is not worth reading to refuse: the request's connection (or HTTP/2
+    stream) is closed instead, as plain HTTP closes after its answer.
+    """
+    req = f.request
+    length = req.headers.get("content-length")
+    chunked = "chunked" in req.headers.get("transfer-encoding", "").lower()
+    if chunked or (length is not None and (not length.isdigit() or int(length) > REFUSED_BODY_MAX)):
+        log.info(
+            "intercept: %s refused (%s), its body not read: closed", session.flow.uid, err.reason
+        )
+        f.kill()  # type: ignore[no-untyped-call]
+        return
+    f.response = _error_response(session, err)
 
 
 def _error_response(session: Session, err: ProtocolError) -> http.Response:

@@ -281,6 +281,8 @@ def http_pairs(up: bytes, down: bytes) -> list[tuple[Message, Message]]:
         head = req.head
         assert isinstance(head, h11.Request)
         client.send(h11.Request(method=head.method, target=head.target, headers=head.headers))
+        if req.body:
+            client.send(h11.Data(data=req.body))
         client.send(h11.EndOfMessage())
         resp: h11.Response | None = None
         body = b""

@@ -800,3 +800,32 @@ async def test_sighup_turns_interception_on_and_keeps_the_pins(
         await _flow_logged(px, client, decrypted=False)
     finally:
         await px.stop()
+
+
+async def test_refused_request_bodies_are_read_only_when_small(
+    px: Intercepting, origin: int, tmp_path: Path
+) -> None:
+    """PATCH is not allowed: a small body is read and the client gets the 501 (exported
+    whole); a large one is not read: its connection is closed."""
+    tap = await px.tap("tcp/http")
+    try:
+        rc, out, err = await curl(
+            "-x", px.http, "--cacert", str(px.ca_cert), "-i", "-X", "PATCH",
+            "--data-binary", "hello", f"https://localhost:{origin}/echo",
+        )  # fmt: skip
+        assert rc == 0, err
+        assert final_status(out) == 501, out
+        _, up, down = await one_flow(tap)
+    finally:
+        tap.close()
+    ((req, resp),) = http_pairs(up, down)
+    assert req.head.method == b"PATCH" and req.body == b"hello"  # type: ignore[union-attr]
+    assert resp.head.status_code == 501
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * (4 << 20))
+    rc, out, err = await curl(
+        "-x", px.http, "--cacert", str(px.ca_cert), "-X", "PATCH",
+        "--data-binary", f"@{big}", f"https://localhost:{origin}/echo",
+    )  # fmt: skip
+    assert rc != 0, out  # closed unanswered: the 4 MiB were never read to refuse them
+    assert await px.metric("proxytap_intercept_refusals_total", what="request") == 2
