@@ -296,22 +296,23 @@ class Relay:
 
         ``on_done`` is then the new owner's to call when the tunnel ends.
         """
+        if self._end():
+            self.up.relay = self.down.relay = _FINISHED
+
+    def _end(self) -> bool:
+        """The relay stops (once: False if it had): no valve, no idle timer."""
         if self.closed:
-            return
+            return False
         self.closed = True
         self.flow.valve = None
         if self._timer is not None:
             self._timer.cancel()
-        self.up.relay = self.down.relay = _FINISHED
+        return True
 
     def finish(self, reason: CloseReason, cause: _Side | None = None) -> None:
         """Close both sides once; a reset on one side resets the other; shutdown resets both."""
-        if self.closed:
+        if not self._end():
             return
-        self.closed = True
-        self.flow.valve = None
-        if self._timer is not None:
-            self._timer.cancel()
         for side in (self.up, self.down):
             transport = side.rx
             if transport.is_closing():

@@ -115,12 +115,18 @@ def _inspector(services: Services, relay: Relay) -> HelloInspector:
 def finished(services: Services, relay: Relay, reason: CloseReason) -> None:
     """The relay ended: the flow, the client connection, the access line."""
     flow = relay.flow
-    now = time.time()
-    services.flow_closed(flow, reason, now)
     services.table.close_connection(flow.outer)
     services.live.discard(relay)
+    flow_ended(services, flow, reason, "tunnel")
+
+
+def flow_ended(services: Services, flow: Flow, reason: CloseReason, kind: str) -> None:
+    """An inner flow ends: its record closes, and its access line (``kind``: tunnel, udp)."""
+    now = time.time()
+    services.flow_closed(flow, reason, now)
     access(
-        "tunnel %s %s -> %s (%s) %s up=%d down=%d %.3fs",
+        "%s %s %s -> %s (%s) %s up=%d down=%d %.3fs",
+        kind,
         flow.tunnel,
         hostport(*flow.client),
         hostport(flow.requested_host, flow.requested_port),

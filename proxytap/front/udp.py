@@ -63,9 +63,9 @@ from proxytap.errors import ProtocolError
 from proxytap.flows.table import CloseReason, Connection, Endpoint, Flow, endpoint
 from proxytap.front.services import Services
 from proxytap.front.shedding import LogWindow
+from proxytap.front.tunnel import flow_ended
 from proxytap.front.upstream import interleave, literal_address
 from proxytap.hostport import hostport
-from proxytap.logstream import access
 from proxytap.proto.socks import UdpAssociateRequest, UdpDatagram, parse_udp_datagram, udp_header
 
 log = logging.getLogger("proxytap.front")
@@ -545,19 +545,7 @@ class Association:
         )
 
     def _flow_ended(self, flow: Flow, reason: CloseReason) -> None:
-        now = time.time()
-        self.services.flow_closed(flow, reason, now)
-        access(
-            "udp %s %s -> %s (%s) %s up=%d down=%d %.3fs",
-            flow.tunnel,
-            hostport(*flow.client),
-            hostport(flow.requested_host, flow.requested_port),
-            hostport(*flow.server),
-            reason.value,
-            flow.bytes_up,
-            flow.bytes_down,
-            now - flow.start,
-        )
+        flow_ended(self.services, flow, reason, "udp")
 
     def _close_sockets(self) -> None:
         for transport in (self.relay, self.upstream):
