@@ -35,6 +35,7 @@ from mitmproxy.tls import TlsData
 from proxytap.errors import ProtocolError
 from proxytap.flows.table import DOWN, UP, CloseReason, Flow
 from proxytap.hostport import hostport
+from proxytap.intercept.leg import Leg
 from proxytap.intercept.render import Exchange, ExchangeOrder, request_line, status_line, with_host
 from proxytap.modules.api import Context
 from proxytap.policy.hopbyhop import connection_tokens
@@ -141,14 +142,9 @@ class Session:
         if handler is None:
             return
         for io in list(handler.transports.values()):
-            writer = io.writer
-            transport = getattr(writer, "transport", None)
-            if transport is None or transport.is_closing():
-                continue
-            if held:
-                transport.pause_reading()
-            else:
-                transport.resume_reading()
+            leg = getattr(io.writer, "transport", None)
+            if isinstance(leg, Leg):
+                leg.hold(held)
 
     def shutdown(self, force: bool) -> None:
         if force and self.handler is not None:

@@ -34,7 +34,6 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +54,7 @@ from proxytap.front.relay import PendingUpstream, Relay
 from proxytap.hostport import hostport
 from proxytap.intercept import ca as ca_files
 from proxytap.intercept.addon import ProxytapAddon, Session
+from proxytap.intercept.leg import streams
 from proxytap.proto.tlshello import ClientHello
 
 if TYPE_CHECKING:
@@ -101,67 +101,6 @@ def _keylog(path: str | None) -> None:
     net_tls.log_master_secret = logger
     net_tls.create_proxy_server_context.cache_clear()
     net_tls.create_client_proxy_context.cache_clear()
-
-
-Tap = Callable[[bytes], None]
-
-
-class _Tap(asyncio.StreamReaderProtocol):
-    """A stream protocol that also reports what it reads (ciphertext export)."""
-
-    def __init__(self, reader: asyncio.StreamReader, on_data: Tap | None) -> None:
-        super().__init__(reader)
-        self._on_data = on_data
-
-    def data_received(self, data: bytes) -> None:
-        if self._on_data is not None:
-            self._on_data(data)
-        super().data_received(data)
-
-
-class _TappedTransport:
-    """A transport seen through a ``StreamWriter``: writes reported (ciphertext export)."""
-
-    def __init__(self, transport: asyncio.Transport, on_write: Tap) -> None:
-        self._t = transport
-        self._on_write = on_write
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._on_write(bytes(data))
-        self._t.write(data)
-
-    def writelines(self, chunks: Any) -> None:
-        for chunk in chunks:
-            self.write(chunk)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._t, name)
-
-
-def streams(
-    transport: asyncio.Transport,
-    early: bytes,
-    eof: bool,
-    on_read: Tap | None = None,
-    on_write: Tap | None = None,
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A connected transport as a reader and writer (protocol swapped, early bytes fed)."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 16, loop=loop)
-    proto = _Tap(reader, on_read)
-    transport.set_protocol(proto)
-    proto.connection_made(transport)
-    if early:
-        reader.feed_data(early)
-    if eof:
-        reader.feed_eof()
-    with contextlib.suppress(RuntimeError):
-        transport.resume_reading()
-    if transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]:
-        proto.pause_writing()
-    wt: Any = transport if on_write is None else _TappedTransport(transport, on_write)
-    writer = asyncio.StreamWriter(wt, proto, reader, loop)
-    return reader, writer
 
 
 class _Handler(ProxyConnectionHandler):

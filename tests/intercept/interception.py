@@ -54,7 +54,13 @@ class Intercepting(Proxytap):
 
 
 def config_text(
-    home: Path, ca_dir: Path, flow_log: Path, pki: Pki, extra: str = "", listener: str = ""
+    home: Path,
+    ca_dir: Path,
+    flow_log: Path,
+    pki: Pki,
+    extra: str = "",
+    listener: str = "",
+    export: str = "",
 ) -> str:
     return f"""
 [[listeners]]
@@ -79,6 +85,7 @@ upstream_ca = "{pki.ca_pem}"
 
 [export]
 sftap_home = "{home}"
+{export}
 
 [log]
 flows = "{flow_log}"
@@ -95,13 +102,14 @@ async def start_intercepting(
     tls: str = 'intercept = ["localhost"]',
     extra: str = "",
     listener: str = "",
+    export: str = "",
 ) -> Intercepting:
-    """proxytap with ``[tls]`` lines ``tls``, more TOML in ``extra``, and ``listener``
-    lines in the HTTP listener's table."""
+    """proxytap with ``[tls]`` lines ``tls``, more TOML in ``extra``, ``listener``
+    lines in the HTTP listener's table and ``export`` lines in ``[export]``."""
     ca_dir = work / "ca"
     flow_log = work / "flows.jsonl"
     cfg = work / "proxytap.toml"
-    cfg.write_text(config_text(home, ca_dir, flow_log, pki, tls, listener) + extra)
+    cfg.write_text(config_text(home, ca_dir, flow_log, pki, tls, listener, export) + extra)
     px = await launch(cfg)
     base = {f.name: getattr(px, f.name) for f in dataclasses.fields(px)}
     return Intercepting(**{**base, "flow_log": flow_log, "home": home}, ca_dir=ca_dir)

@@ -34,6 +34,7 @@ from proxytap.proto.sftap import DESTROYED
 from tests.certs import Pki
 from tests.conftest import run
 from tests.export.sftap_helpers import TapReader, check_stream, short_tmp
+from tests.export.strict_helpers import Consumer
 from tests.intercept.interception import (
     Intercepting,
     h2_origin,
@@ -829,3 +830,46 @@ async def test_refused_request_bodies_are_read_only_when_small(
     )  # fmt: skip
     assert rc != 0, out  # closed unanswered: the 4 MiB were never read to refuse them
     assert await px.metric("proxytap_intercept_refusals_total", what="request") == 2
+
+
+# == export overload "wait": the decrypted flow waits for a slow analyzer, loses nothing ====
+
+
+async def test_wait_policy_holds_an_intercepted_download_for_a_throttled_reader(
+    home: Path, tmp_path: Path, pki: Pki, origin: int
+) -> None:
+    size, mbps, buffers = 24 << 20, 20.0, 1 << 20
+    px = await start_intercepting(
+        home,
+        tmp_path,
+        pki,
+        export=f'overload = "wait"\nmax_wait = 5.0\nreader_sndbuf = {buffers}\n'
+        f"reader_buffer = {buffers}\n",
+    )
+    reader = Consumer("reader", home / "tcp" / "http", tmp_path, "throttled", throttle=mbps)
+    try:
+        await asyncio.to_thread(reader.start)
+        rc, out, err = await curl(
+            "-x", px.http, "--cacert", str(px.ca_cert), "-o", "/dev/null",
+            "-w", "%{size_download} %{time_total} %{local_ip} %{local_port}",
+            f"https://localhost:{origin}/bytes/{size}",
+        )  # fmt: skip
+        assert rc == 0, err
+        got, seconds, _, port = out.split()
+        assert int(got) == size
+        final = await asyncio.to_thread(
+            reader.wait, lambda s: any(f["destroyed"] for f in s["flows"].values()), 120, "end"
+        )
+        dropped = await px.metric_sum("proxytap_export_dropped_bytes_total", sink="sftap")
+        waited = await px.metric_sum("proxytap_export_wait_seconds_total", sink="sftap")
+    finally:
+        await asyncio.to_thread(reader.kill)
+        await px.stop()
+    assert dropped == 0 and waited > 0
+    (flow,) = [f for f in final["flows"].values() if int(port) in (f["port1"], f["port2"])]
+    assert final["short_reads"] == 0 and final["parse_errors"] == 0
+    body = sum(s["bytes"] for s in flow["streams"].values())
+    assert body > size  # every byte of the response (and its head, and the request)
+    # ahead of the reader by at most its socket buffers, proxytap's queue and some slack
+    floor = (size - 2 * buffers - 2 * buffers - (1 << 20)) / (mbps * 1e6)
+    assert float(seconds) >= floor - 0.05, (seconds, floor)
