@@ -873,3 +873,31 @@ async def test_wait_policy_holds_an_intercepted_download_for_a_throttled_reader(
     # ahead of the reader by at most its socket buffers, proxytap's queue and some slack
     floor = (size - 2 * buffers - 2 * buffers - (1 << 20)) / (mbps * 1e6)
     assert float(seconds) >= floor - 0.05, (seconds, floor)
+
+
+# == shutdown: an open intercepted connection drains, then is closed ======================
+
+
+async def test_sigterm_closes_an_open_intercepted_connection_after_the_grace(
+    home: Path, tmp_path: Path, pki: Pki, origin: int
+) -> None:
+    px = await start_intercepting(home, tmp_path, pki, extra="\n[timeouts]\nshutdown_grace = 1.0\n")
+    ctx = ssl.create_default_context(cafile=str(px.ca_cert))
+    r, w = await asyncio.open_connection("127.0.0.1", px.ports["http"])
+    w.write(f"CONNECT localhost:{origin} HTTP/1.1\r\nHost: localhost:{origin}\r\n\r\n".encode())
+    await r.readuntil(b"\r\n\r\n")
+    await w.start_tls(ctx, server_hostname="localhost")
+    client = w.get_extra_info("sockname")[:2]
+    w.write(f"GET /hello HTTP/1.1\r\nHost: localhost:{origin}\r\n\r\n".encode())
+    head = await r.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert await px.metric("proxytap_intercept_sessions_active") == 1
+    assert px.proc.pid is not None
+    os.kill(px.proc.pid, signal.SIGTERM)
+    rest = await asyncio.wait_for(r.read(), 15)  # the keep-alive connection is closed
+    assert b"hello GET /hello" in rest
+    assert await asyncio.wait_for(px.proc.wait(), 15) == 0
+    w.close()
+    (record,) = [f for f in px.flows() if (f["id.orig_h"], f["id.orig_p"]) == tuple(client)]
+    assert record["decrypted"] is True and record["close_reason"] == "shutdown"
+    await px.stop()
