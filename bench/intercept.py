@@ -68,6 +68,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from proctree import tree_pids
+
 SELF = Path(__file__).resolve()
 ROOT = SELF.parent.parent
 HOST = "127.0.0.1"
@@ -359,25 +361,6 @@ class Procs:
             if p.poll() is None:
                 log(f"cleanup: stopping {name} (pid {p.pid})")
             self.stop(p, 5.0)
-
-
-def tree_pids(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
 
 
 def usage(root: int) -> tuple[float, int]:
