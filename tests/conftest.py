@@ -252,8 +252,13 @@ class Origin:
     tls: bool = False
 
 
-async def start_origin(host: str = "127.0.0.1", ssl_ctx: ssl.SSLContext | None = None) -> Origin:
-    runner = web.AppRunner(origin_app(), access_log=None)
+async def start_origin(
+    host: str = "127.0.0.1",
+    ssl_ctx: ssl.SSLContext | None = None,
+    app: web.Application | None = None,
+) -> Origin:
+    """``app`` (``origin_app()`` by default) served on ``host``, over TLS with ``ssl_ctx``."""
+    runner = web.AppRunner(app if app is not None else origin_app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, 0, ssl_context=ssl_ctx)
     await site.start()

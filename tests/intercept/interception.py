@@ -26,6 +26,7 @@ import h11
 from aiohttp import WSMsgType, web
 
 from tests.certs import Pki
+from tests.conftest import origin_app, start_origin
 from tests.export.sftap_helpers import TapReader
 from tests.proxyproc import Proxytap, launch
 
@@ -119,6 +120,9 @@ async def start_intercepting(
 
 
 def echo_app() -> web.Application:
+    """The tests' origin (``/hello``, ``/bytes/N``, ``/upload``) with ``/echo`` (the
+    request head as JSON), ``/many`` (N header fields) and ``/ws`` (a WebSocket echo)."""
+
     async def echo(request: web.Request) -> web.Response:
         body = await request.read()
         return web.json_response(
@@ -134,22 +138,6 @@ def echo_app() -> web.Application:
         n = int(request.query.get("n", "40"))
         return web.Response(text="many", headers={f"X-H{i}": str(i) for i in range(n)})
 
-    async def hello(request: web.Request) -> web.Response:
-        return web.Response(text=f"hello {request.method} {request.path_qs}")
-
-    async def source(request: web.Request) -> web.StreamResponse:
-        n = int(request.match_info["n"])
-        resp = web.StreamResponse(headers={"Content-Length": str(n)})
-        await resp.prepare(request)
-        block = bytes(range(256)) * 256
-        sent = 0
-        while sent < n:
-            step = min(len(block), n - sent)
-            await resp.write(block[:step])
-            sent += step
-        await resp.write_eof()
-        return resp
-
     async def ws(request: web.Request) -> web.WebSocketResponse:
         sock = web.WebSocketResponse()
         await sock.prepare(request)
@@ -160,27 +148,20 @@ def echo_app() -> web.Application:
                 await sock.send_bytes(b"echo " + msg.data)
         return sock
 
-    app = web.Application(client_max_size=1 << 30)
+    app = origin_app()
     app.router.add_route("*", "/echo", echo)
-    app.router.add_route("*", "/hello", hello)
     app.router.add_get("/many", many)
-    app.router.add_get("/bytes/{n}", source)
     app.router.add_get("/ws", ws)
     return app
 
 
 @contextlib.asynccontextmanager
 async def https_origin(ctx: ssl.SSLContext, host: str = "127.0.0.1") -> AsyncIterator[int]:
-    runner = web.AppRunner(echo_app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, 0, ssl_context=ctx)
-    await site.start()
-    server = site._server
-    assert server is not None
+    origin = await start_origin(host, ctx, echo_app())
     try:
-        yield int(server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        yield origin.port
     finally:
-        await runner.cleanup()
+        await origin.runner.cleanup()
 
 
 @contextlib.asynccontextmanager

@@ -32,7 +32,7 @@ from cryptography.x509.oid import NameOID
 
 from proxytap.proto.sftap import DESTROYED
 from tests.certs import Pki
-from tests.conftest import run
+from tests.conftest import run, start_origin
 from tests.export.sftap_helpers import TapReader, check_stream, short_tmp
 from tests.export.strict_helpers import Consumer
 from tests.intercept.interception import (
@@ -212,32 +212,24 @@ async def test_passthrough_host_is_exported_as_ciphertext(
     )
 
 
-async def test_plain_bytes_inside_connect_never_reach_the_engine(
-    px: Intercepting, pki: Pki
-) -> None:
+async def test_plain_bytes_inside_connect_never_reach_the_engine(px: Intercepting) -> None:
     """A CONNECT to an intercepted name whose client speaks plain HTTP: relayed as is."""
-    from aiohttp import web
-
-    async def hello(request: web.Request) -> web.Response:
-        return web.Response(text="plain")
-
-    app = web.Application()
-    app.router.add_get("/", hello)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    origin = await start_origin()
     try:
         rc, out, err = await curl(
-            "-p", "-x", px.http, "-w", "\n%{local_ip} %{local_port}", f"http://localhost:{port}/"
+            "-p",
+            "-x",
+            px.http,
+            "-w",
+            "\n%{local_ip} %{local_port}",
+            f"http://localhost:{origin.port}/hello",
         )
         assert rc == 0, err
         body, _, w = out.rpartition("\n")
-        assert body == "plain"
+        assert body == "hello GET /hello"
         await _flow_logged(px, local(w), decrypted=False)
     finally:
-        await runner.cleanup()
+        await origin.runner.cleanup()
 
 
 # == C's rules inside TLS =================================================================
