@@ -383,7 +383,7 @@ def _intercept_families(services: Services) -> Iterator[Metric]:
     _fill(refusals, refused)
     engine = services.engine
     active = _gauge("proxytap_intercept_sessions_active")
-    active.add_metric([], float(len(engine.sessions) if engine is not None else 0))
+    active.add_metric([], float(engine.active if engine is not None else 0))
     requests = _counter("proxytap_intercept_requests_total", ("protocol",))
     _fill(requests, {"http1": 0, "http2": 0, **stats.intercept_requests})
     upstream = _counter("proxytap_intercept_upstream_tls_errors_total", ("reason",))

@@ -45,7 +45,7 @@ from proxytap.proto.httpconnect import proxy_status_value
 if TYPE_CHECKING:
     from proxytap.front.relay import Relay
     from proxytap.front.services import Services
-    from proxytap.intercept.engine import Engine, _Handler
+    from proxytap.intercept.engine import _Handler
     from proxytap.proto.tlshello import ClientHello
 
 log = logging.getLogger("proxytap.intercept")
@@ -74,9 +74,8 @@ def upstream_tls_reason(error: str) -> str:
 class Session:
     """One intercepted tunnel (see the module docstring)."""
 
-    def __init__(self, engine: Engine, relay: Relay, flow: Flow, hello: ClientHello) -> None:
-        self.engine = engine
-        self.services: Services = engine.services
+    def __init__(self, services: Services, relay: Relay, flow: Flow, hello: ClientHello) -> None:
+        self.services = services
         self.relay = relay
         self.flow = flow
         self.hub = self.services.hub
@@ -304,8 +303,6 @@ class ProxytapAddon:
         ex = session.exchanges.pop(f.id, None)
         if ex is not None:
             ex.end()
-        if f.error is not None and "certificate" in f.error.msg.lower():
-            log.debug("intercept: %s", f.error.msg)
 
     # -- WebSocket and raw TCP inside TLS ---------------------------------------------
 

@@ -171,7 +171,6 @@ class Engine:
         self.ca_dir = Path(tls.ca_dir)
         self.addon = ProxytapAddon(services)
         self.master: Master
-        self.sessions: set[Session] = set()
         self.ended = 0  # sessions ended since the last collection
 
     async def start(self) -> None:
@@ -205,9 +204,10 @@ class Engine:
         for name in ("mitmproxy", "mitmproxy.proxy.server"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
-    def stop(self, force: bool) -> None:
-        for session in list(self.sessions):
-            session.shutdown(force)
+    @property
+    def active(self) -> int:
+        """Intercepted connections open now."""
+        return len(self.addon.sessions)
 
     def take(self, relay: Relay, hello: ClientHello, held: bytes) -> None:
         """Intercept the tunnel of ``relay``: its client sent ``held`` (the ClientHello)."""
@@ -216,9 +216,8 @@ class Engine:
         client, server = relay.up.rx, relay.down.rx
         relay.detach()
         services.live.discard(relay)
-        session = Session(self, relay, flow, hello)
+        session = Session(services, relay, flow, hello)
         flow.decrypted = True
-        self.sessions.add(session)
         services.live.add(session)
         services.tasks.spawn(self._run(session, client, server, held))
 
@@ -261,7 +260,6 @@ class Engine:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(STOP_WAIT):
                     await c[1].wait_closed()
-            self.sessions.discard(session)
             self.services.live.discard(session)
             session.finish(reason if session.reason is None else session.reason)
             self.ended += 1
