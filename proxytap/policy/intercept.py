@@ -22,7 +22,6 @@ compared as the access rules compare them (lower-case, no trailing dot, IDNA).
 from __future__ import annotations
 
 import collections
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -148,16 +147,13 @@ class InterceptPolicy:
             value = getattr(tls, name)
             if isinstance(value, str):
                 raise ConfigError(f"{key}.{name}", "expected a list of strings")
-        try:
-            return cls(
-                tls.intercept,
-                tls.passthrough,
-                tls.intercept_clients,
-                tls.passthrough_clients,
-                key=key,
-            )
-        except re.error as exc:  # pragma: no cover - DestRule.build reports bad regexes
-            raise ConfigError(f"{key}.intercept", str(exc)) from None
+        return cls(
+            tls.intercept,
+            tls.passthrough,
+            tls.intercept_clients,
+            tls.passthrough_clients,
+            key=key,
+        )
 
     @property
     def enabled(self) -> bool:
